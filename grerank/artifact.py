@@ -43,7 +43,9 @@ def code_version() -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+            ).stdout.strip()
         )
         return {"git_commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
@@ -60,9 +62,7 @@ def write_artifact(folder: str | Path, reranker: Reranker, **sections: Any) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         reranker.save(tmp)
-        files = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -93,7 +93,9 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{folder} has format version {version!r}; this code reads version {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{folder} has format version {version!r}; this code reads version {FORMAT_VERSION}"
+        )
     if verify:
         for name, expected in manifest.get("files", {}).items():
             file = folder / name

@@ -120,7 +120,11 @@ class DecoderReader:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, states: torch.Tensor | None
     ) -> tuple[torch.Tensor, DynamicCache]:
         """One forward pass over ``ids`` given past ``states`` [layers, 2, B, kvh, K, d]; returns hidden, cache."""
-        past = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in states]) if states is not None else None
+        past = (
+            DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in states])
+            if states is not None
+            else None
+        )
         if past is None:
             past = DynamicCache()
         out = self.model.base_model(
@@ -135,7 +139,12 @@ class DecoderReader:
     @staticmethod
     def _cache_tensor(cache: DynamicCache, start: int) -> torch.Tensor:
         """Stack a cache's keys and values from ``start`` on into ``[layers, 2, B, kvh, K, d]``."""
-        return torch.stack([torch.stack([layer.keys[..., start:, :], layer.values[..., start:, :]]) for layer in cache.layers])
+        return torch.stack(
+            [
+                torch.stack([layer.keys[..., start:, :], layer.values[..., start:, :]])
+                for layer in cache.layers
+            ]
+        )
 
     # ---- prefix and documents: no gradients, computed once ----------------------------------------------
 
@@ -170,7 +179,9 @@ class DecoderReader:
             lengths = [len(token_lists[i]) for i in chunk]
             width = max(max(lengths), 1)
             pad = self.tokenizer.pad_token_id or 0
-            ids = torch.tensor([token_lists[i] + [pad] * (width - len(token_lists[i])) for i in chunk], device=self.device)
+            ids = torch.tensor(
+                [token_lists[i] + [pad] * (width - len(token_lists[i])) for i in chunk], device=self.device
+            )
             mask = torch.cat(
                 [torch.zeros(width, prefix_len, device=self.device), causal_block(width, self.device)], dim=1
             ).expand(len(chunk), -1, -1)
@@ -204,7 +215,9 @@ class DecoderReader:
             starts.append(prefix_len + max(visible, default=0))
         width = max(r.shape[-2] for r in rows)
         past = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows], dim=2)
-        key_index = torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows])
+        key_index = torch.stack(
+            [torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows]
+        )
         return past, key_index.to(self.device), torch.tensor(starts, device=self.device)
 
     def _question_ids(self, question: str) -> list[int]:
@@ -232,7 +245,10 @@ class DecoderReader:
 
         bias = key_bias(document_log_mask(mask.to(self.device, torch.float32)), key_index)  # [B, K]
         attn = torch.cat(
-            [bias[:, None, :].expand(-1, width, -1), causal_block(width, self.device).expand(len(seqs), -1, -1)],
+            [
+                bias[:, None, :].expand(-1, width, -1),
+                causal_block(width, self.device).expand(len(seqs), -1, -1),
+            ],
             dim=2,
         )
         hidden, _ = self._run(ids, attn, positions, past)

@@ -60,7 +60,9 @@ def normalize_answer(text: str) -> str:
 
 def _from_hotpot(row: dict) -> Example:
     titles = row["context"]["title"]
-    passages = [Passage(t, "".join(s).strip()) for t, s in zip(titles, row["context"]["sentences"], strict=True)]
+    passages = [
+        Passage(t, "".join(s).strip()) for t, s in zip(titles, row["context"]["sentences"], strict=True)
+    ]
     gold = set(row["supporting_facts"]["title"])
     return Example(
         id=row["id"],
@@ -74,16 +76,24 @@ def _from_hotpot(row: dict) -> Example:
 
 def _from_fid(row: dict, index: int) -> Example:
     passages = [Passage(c.get("title", ""), c["text"]) for c in row["ctxs"]]
-    supporting = [bool(c["has_answer"]) for c in row["ctxs"]] if all("has_answer" in c for c in row["ctxs"]) else []
+    supporting = (
+        [bool(c["has_answer"]) for c in row["ctxs"]] if all("has_answer" in c for c in row["ctxs"]) else []
+    )
     answers = row.get("answers") or [row["answer"]]
-    return Example(str(row.get("id", index)), row["question"], list(answers), passages, row.get("type", ""), supporting)
+    return Example(
+        str(row.get("id", index)), row["question"], list(answers), passages, row.get("type", ""), supporting
+    )
 
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     """Read a split in either layout (detected per row); ``limit`` keeps the first rows."""
     path = Path(path)
     text = path.read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
     examples = []
     for i, row in enumerate(rows[:limit]):
         if "context" in row and "supporting_facts" in row:
@@ -91,7 +101,9 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
         elif "ctxs" in row:
             examples.append(_from_fid(row, i))
         else:
-            raise ValueError(f"{path}: row {i} is neither HotpotQA (context, supporting_facts) nor FiD (ctxs) layout")
+            raise ValueError(
+                f"{path}: row {i} is neither HotpotQA (context, supporting_facts) nor FiD (ctxs) layout"
+            )
     return examples
 
 

@@ -52,7 +52,11 @@ class Reranker(torch.nn.Module):
         return scores
 
     def config(self) -> dict:
-        return {"architecture": self.architecture, "base_model": self.base_model, "max_length": self.max_length}
+        return {
+            "architecture": self.architecture,
+            "base_model": self.base_model,
+            "max_length": self.max_length,
+        }
 
     def save(self, folder: str | Path) -> None:
         raise NotImplementedError
@@ -61,7 +65,9 @@ class Reranker(torch.nn.Module):
     def load(folder: str | Path) -> Reranker:
         folder = Path(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        cls = {"bi-encoder": BiEncoderReranker, "cross-encoder": CrossEncoderReranker}.get(config["architecture"])
+        cls = {"bi-encoder": BiEncoderReranker, "cross-encoder": CrossEncoderReranker}.get(
+            config["architecture"]
+        )
         if cls is None:
             raise ValueError(f"unknown reranker architecture {config['architecture']!r} in {folder}")
         return cls.from_pretrained(folder, **{k: v for k, v in config.items() if k != "architecture"})
@@ -125,7 +131,12 @@ class CrossEncoderReranker(Reranker):
         firsts = [q for q, docs in zip(queries, documents, strict=True) for _ in docs]
         seconds = [d for docs in documents for d in docs]
         batch = self.tokenizer(
-            firsts, seconds, padding=True, truncation="only_second", max_length=self.max_length, return_tensors="pt"
+            firsts,
+            seconds,
+            padding=True,
+            truncation="only_second",
+            max_length=self.max_length,
+            return_tensors="pt",
         ).to(self.device)
         logits = self.model(**batch).logits[:, 0].float()
         return list(logits.split([len(docs) for docs in documents]))

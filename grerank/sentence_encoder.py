@@ -15,7 +15,9 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 
 class SentenceEncoder(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 256) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 256
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
