@@ -119,14 +119,8 @@ class DecoderReader:
     def _run(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, states: torch.Tensor | None
     ) -> tuple[torch.Tensor, DynamicCache]:
-        """One forward pass over ``ids`` given past ``states`` [layers, 2, B, kvh, K, d]; returns hidden, cache."""
-        past = (
-            DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in states])
-            if states is not None
-            else None
-        )
-        if past is None:
-            past = DynamicCache()
+        """Forward ``ids`` after past ``states`` [layers, 2, B, kvh, K, d]; returns (hidden, cache)."""
+        past = DynamicCache() if states is None else DynamicCache(ddp_cache_data=[(k, v) for k, v in states])
         out = self.model.base_model(
             input_ids=ids,
             attention_mask=to_additive(mask[:, None], self.dtype),
@@ -198,7 +192,7 @@ class DecoderReader:
     def _layout(
         self, doc_states: Sequence[Sequence[torch.Tensor]], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Past states ``[layers, 2, B, kvh, K, d]``, key document index ``[B, K]``, question start ``[B]``."""
+        """Past states [layers, 2, B, kvh, K, d], key document index [B, K], question start [B]."""
         prefix = self.prefix_states()
         prefix_len = prefix.shape[-2]
         rows, index_rows, starts = [], [], []
