@@ -1,0 +1,131 @@
+"""Documents plus their vector index, kept consistent on disk.
+
+The SQLite store is the source of truth; the FAISS file is derived from it. A write commits to SQLite first,
+then updates the in-memory index and replaces the index file atomically, and only then is acknowledged.
+On open, an index file that is missing, corrupt, or reflects another store generation (a crash between the
+two steps) is rebuilt from the embeddings kept in the store, without running a model. If the configured
+embedder differs from the one that produced the stored embeddings, :meth:`reembed` recomputes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grerank.passage import Passage
+from service.document_store import DocumentStore, NewDocument, StoredDocument
+from service.vector_index import VectorIndex, VectorIndexError
+
+STORE_FILE = "documents.sqlite3"
+INDEX_FILE = "vectors.faiss"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    document: StoredDocument
+    score: float
+
+
+class DocumentIndex:
+    def __init__(self, folder: str | Path, dim: int, embedder_id: str) -> None:
+        """Open (or create) the store and index in ``folder`` for an embedder of ``dim`` dimensions."""
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.embedder_id = embedder_id
+        self.index_path = self.folder / INDEX_FILE
+        self.store = DocumentStore(self.folder / STORE_FILE)
+        self._lock = threading.RLock()
+        recorded = (self.store.get_meta("embedder"), self.store.get_meta("dim"))
+        has_documents = self.store.count() > 0
+        self.needs_reembedding = has_documents and recorded != (embedder_id, str(dim))
+        if not has_documents:
+            self._record_embedder()
+        self.rebuilt = False
+        self.vectors = VectorIndex(dim, self.store.generation())
+        if not self.needs_reembedding:
+            self.vectors = self._load_or_rebuild()
+
+    def _record_embedder(self) -> None:
+        self.store.set_meta("embedder", self.embedder_id)
+        self.store.set_meta("dim", str(self.dim))
+
+    def _load_or_rebuild(self) -> VectorIndex:
+        generation = self.store.generation()
+        try:
+            vectors, _ = VectorIndex.load(self.index_path)
+            if vectors.dim != self.dim or vectors.generation != generation or len(vectors) != self.store.count():
+                raise VectorIndexError(
+                    f"index reflects generation {vectors.generation} with {len(vectors)} vectors; "
+                    f"the store is at generation {generation} with {self.store.count()} documents"
+                )
+            return vectors
+        except VectorIndexError as exc:
+            if self.index_path.exists() or self.store.count():
+                log.warning("rebuilding the vector index from the document store: %s", exc)
+            keys, embeddings = self.store.embeddings()
+            vectors = VectorIndex.from_vectors(keys, embeddings, self.dim, generation)
+            vectors.save(self.index_path, embedder=self.embedder_id)
+            self.rebuilt = True
+            return vectors
+
+    def reembed(self, embed: Callable[[list[Passage]], np.ndarray]) -> None:
+        """Recompute every stored embedding with the configured embedder and rebuild the index."""
+        with self._lock:
+            keys, passages = self.store.passages()
+            log.warning("re-embedding %d documents for embedder %s", len(keys), self.embedder_id)
+            embeddings = embed(passages) if passages else np.zeros((0, self.dim), np.float32)
+            generation = self.store.replace_embeddings(keys, embeddings)
+            self._record_embedder()
+            self.vectors = VectorIndex.from_vectors(np.asarray(keys, np.int64), embeddings, self.dim, generation)
+            self.vectors.save(self.index_path, embedder=self.embedder_id)
+            self.needs_reembedding = False
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    # ---- writes: acknowledged only after the SQLite commit and the index file replace ----
+
+    def upsert(self, documents: Sequence[NewDocument], embeddings: np.ndarray) -> list[int]:
+        with self._lock:
+            keys, generation = self.store.upsert(documents, embeddings)
+            self.vectors.upsert(keys, embeddings)
+            self.vectors.generation = generation
+            self.vectors.save(self.index_path, embedder=self.embedder_id)
+            return keys
+
+    def delete(self, doc_id: str) -> bool:
+        with self._lock:
+            key, generation = self.store.delete(doc_id)
+            if key is None:
+                return False
+            self.vectors.remove([key])
+            self.vectors.generation = generation
+            self.vectors.save(self.index_path, embedder=self.embedder_id)
+            return True
+
+    # ---- reads ----
+
+    def get(self, doc_id: str) -> StoredDocument | None:
+        return self.store.get(doc_id)
+
+    def search(
+        self, query: np.ndarray, k: int, metadata_filter: Mapping[str, Any] | None = None
+    ) -> list[Hit]:
+        """The ``k`` most similar documents (inner product), best first, ties by insertion order."""
+        with self._lock:
+            allowed = self.store.keys_matching(metadata_filter) if metadata_filter else None
+            hits = self.vectors.search(query, k, allowed)
+            documents = self.store.get_many([key for key, _ in hits])
+        return [Hit(documents[key], score) for key, score in hits if key in documents]
