@@ -62,7 +62,11 @@ class DocumentIndex:
         generation = self.store.generation()
         try:
             vectors, _ = VectorIndex.load(self.index_path)
-            if vectors.dim != self.dim or vectors.generation != generation or len(vectors) != self.store.count():
+            if (
+                vectors.dim != self.dim
+                or vectors.generation != generation
+                or len(vectors) != self.store.count()
+            ):
                 raise VectorIndexError(
                     f"index reflects generation {vectors.generation} with {len(vectors)} vectors; "
                     f"the store is at generation {generation} with {self.store.count()} documents"
@@ -85,7 +89,9 @@ class DocumentIndex:
             embeddings = embed(passages) if passages else np.zeros((0, self.dim), np.float32)
             generation = self.store.replace_embeddings(keys, embeddings)
             self._record_embedder()
-            self.vectors = VectorIndex.from_vectors(np.asarray(keys, np.int64), embeddings, self.dim, generation)
+            self.vectors = VectorIndex.from_vectors(
+                np.asarray(keys, np.int64), embeddings, self.dim, generation
+            )
             self.vectors.save(self.index_path, embedder=self.embedder_id)
             self.needs_reembedding = False
 

@@ -10,6 +10,7 @@ WAL journal with ``synchronous=FULL``: a committed write survives a crash or pow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -84,7 +85,8 @@ class DocumentStore:
 
     def _set_meta(self, name: str, value: str) -> None:
         self._db.execute(
-            "INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            "INSERT INTO meta(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
 
@@ -153,9 +155,10 @@ class DocumentStore:
     def get_many(self, keys: Sequence[int]) -> dict[int, StoredDocument]:
         if not keys:
             return {}
+        marks = ",".join("?" * len(keys))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT key, id, title, text, metadata FROM documents WHERE key IN ({','.join('?' * len(keys))})",
+                f"SELECT key, id, title, text, metadata FROM documents WHERE key IN ({marks})",
                 [int(k) for k in keys],
             ).fetchall()
         return {row[0]: _document(row) for row in rows}
@@ -169,7 +172,9 @@ class DocumentStore:
             params += [_json_path(name), int(value) if isinstance(value, bool) else value]
         where = " AND ".join(clauses) or "1"
         with self._lock:
-            rows = self._db.execute(f"SELECT key FROM documents WHERE {where} ORDER BY key", params).fetchall()
+            rows = self._db.execute(
+                f"SELECT key FROM documents WHERE {where} ORDER BY key", params
+            ).fetchall()
         return [r[0] for r in rows]
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -205,6 +210,12 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def content_id(title: str, text: str, prefix: str = "doc") -> str:
+    """A stable id derived from the content, for documents posted without one."""
+    digest = hashlib.sha256((title + "\0" + text).encode()).hexdigest()
+    return f"{prefix}-{digest[:16]}"
 
 
 def _json_path(name: str) -> str:

@@ -90,7 +90,9 @@ class SearchRequest(BaseModel):
 
 
 class RetrieveRequest(SearchRequest):
-    top_k: int | None = Field(None, ge=1, description="Documents to return (default: GRERANK_DEFAULT_CANDIDATES).")
+    top_k: int | None = Field(
+        None, ge=1, description="Documents to return (default: GRERANK_DEFAULT_CANDIDATES)."
+    )
 
 
 class RetrievedDocument(BaseModel):
@@ -107,8 +109,12 @@ class RetrieveResponse(BaseModel):
 
 
 class AnswerRequest(SearchRequest):
-    top_k: int | None = Field(None, ge=1, description="Documents the reader sees (default: the artifact's k).")
-    candidates: int | None = Field(None, ge=1, description="Documents retrieved before reranking (default 20).")
+    top_k: int | None = Field(
+        None, ge=1, description="Documents the reader sees (default: the artifact's k)."
+    )
+    candidates: int | None = Field(
+        None, ge=1, description="Documents retrieved before reranking (default 20)."
+    )
     stream: bool = Field(False, description="Stream answer tokens as server-sent events.")
 
 

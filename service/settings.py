@@ -1,6 +1,7 @@
 """Service configuration, read from ``GRERANK_*`` environment variables (pydantic-settings).
 
-Every field below is one variable: ``reranker`` is ``GRERANK_RERANKER``, ``api_keys`` is ``GRERANK_API_KEYS``...
+Every field below is one variable: ``reranker`` is ``GRERANK_RERANKER``, ``api_keys`` is
+``GRERANK_API_KEYS``, and so on.
 """
 
 from __future__ import annotations

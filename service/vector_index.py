@@ -34,7 +34,9 @@ class VectorIndex:
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     @classmethod
-    def from_vectors(cls, keys: np.ndarray, vectors: np.ndarray | None, dim: int, generation: int) -> VectorIndex:
+    def from_vectors(
+        cls, keys: np.ndarray, vectors: np.ndarray | None, dim: int, generation: int
+    ) -> VectorIndex:
         index = cls(dim, generation)
         if vectors is not None and len(keys):
             index.upsert(keys, vectors)

@@ -1,0 +1,72 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+Names follow the Prometheus conventions: counters end in ``_total``, durations are ``_seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "grerank_requests",
+            "HTTP requests by route template and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "grerank_request_seconds",
+            "HTTP request latency by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "grerank_stage_seconds",
+            "Latency of one pipeline stage (embed, retrieve, rerank, read, index).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "grerank_batch_size",
+            "Texts per model forward pass, by stage.",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "grerank_queue_depth", "Model jobs waiting or running on the model worker.", registry=r
+        )
+        self.documents_indexed = Gauge("grerank_documents_indexed", "Documents in the index.", registry=r)
+        self.ready = Gauge("grerank_ready", "1 when models and index are loaded.", registry=r)
+        self.reader_cache_bytes = Gauge(
+            "grerank_reader_cache_bytes", "Memory held by cached per-document reader states.", registry=r
+        )
+        self.model_info = Info("grerank_model", "Served models and reranker artifact.", registry=r)
+
+    @contextmanager
+    def stage(self, name: str, timings_ms: dict[str, float] | None = None) -> Iterator[None]:
+        """Time a stage into the histogram and, if given, into ``timings_ms[name]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stage_seconds.labels(name).observe(elapsed)
+            if timings_ms is not None:
+                timings_ms[name] = round(timings_ms.get(name, 0.0) + elapsed * 1000, 3)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,132 @@
+"""Load the three served models (embedder, reranker, reader) on the configured device and precision.
+
+The reranker comes from a trained artifact when ``GRERANK_ARTIFACT`` is set (checksums verified; any failure
+propagates, so the service never becomes ready on a bad artifact), otherwise from ``GRERANK_RERANKER``:
+``default`` is the untrained MiniLM bi-encoder, the starting point of G-Rerank training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grerank import model_paths
+from grerank.artifact import load_artifact
+from grerank.decoder_reader import DecoderReader
+from grerank.reranker import CONFIG_FILE, Reranker, build_reranker
+from grerank.sentence_encoder import SentenceEncoder
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained default reranker"
+
+
+@dataclass
+class RerankerInfo:
+    status: str  # "trained artifact", UNTRAINED, or "reranker folder (no manifest)"
+    source: str
+    config: dict[str, Any]
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.manifest is not None
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "source": self.source, **self.config}
+        if self.manifest is not None:
+            # Everything but the per-file checksums, which say nothing to a client.
+            out["manifest"] = {k: v for k, v in self.manifest.items() if k != "files"}
+        return out
+
+
+@dataclass
+class Models:
+    device: torch.device
+    bf16: bool
+    embedder: SentenceEncoder
+    embedder_source: str
+    reranker: Reranker
+    reranker_info: RerankerInfo
+    reader: DecoderReader
+    reader_source: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "precision": "bf16" if self.bf16 else "fp32",
+            "embedder": {"source": self.embedder_source, "dim": self.embedder.dim},
+            "reranker": self.reranker_info.summary(),
+            "reader": {"source": self.reader_source, "family": self.reader.family},
+        }
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_bf16(setting: str, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def load_embedder(settings: Settings, device: torch.device) -> tuple[SentenceEncoder, str]:
+    path = model_paths.resolve("embedder", settings.embedder)
+    return SentenceEncoder.from_pretrained(path).to(device).eval(), str(path)
+
+
+def load_reranker(settings: Settings, device: torch.device) -> tuple[Reranker, RerankerInfo]:
+    if settings.artifact is not None:
+        reranker, manifest = load_artifact(settings.artifact)
+        info = RerankerInfo("trained artifact", str(settings.artifact), reranker.config(), manifest)
+    else:
+        path = model_paths.resolve("reranker", settings.reranker)
+        if isinstance(path, Path) and (path / CONFIG_FILE).is_file():
+            reranker = Reranker.load(path)
+            info = RerankerInfo("reranker folder (no manifest)", str(path), reranker.config())
+        else:
+            reranker = build_reranker(settings.reranker_architecture, path)
+            status = UNTRAINED if settings.reranker == model_paths.DEFAULT else "untrained reranker"
+            info = RerankerInfo(status, str(path), reranker.config())
+    return reranker.to(device).eval(), info
+
+
+def load_reader(settings: Settings, device: torch.device, bf16: bool) -> tuple[DecoderReader, str]:
+    path = model_paths.resolve("reader", settings.reader)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return DecoderReader.from_pretrained(path, device=device, dtype=dtype), str(path)
+
+
+def load_models(settings: Settings, on_loaded: Callable[[str], None] | None = None) -> Models:
+    """Load embedder, reranker and reader in turn; ``on_loaded(role)`` reports progress (for /readyz)."""
+    device = resolve_device(settings.device)
+    bf16 = resolve_bf16(settings.precision, device)
+    log.info("loading models on %s (%s)", device, "bf16" if bf16 else "fp32")
+    report = on_loaded or (lambda role: None)
+    embedder, embedder_source = load_embedder(settings, device)
+    report("embedder")
+    reranker, reranker_info = load_reranker(settings, device)
+    report("reranker")
+    reader, reader_source = load_reader(settings, device, bf16)
+    report("reader")
+    return Models(device, bf16, embedder, embedder_source, reranker, reranker_info, reader, reader_source)

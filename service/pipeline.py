@@ -1,0 +1,153 @@
+"""The request paths over the loaded models and the document index.
+
+``/answer``: embed the query -> FAISS retrieval -> rerank the candidates -> deterministic top-k (no noise,
+ties by candidate order: the very ``hard_topk`` training evaluates with) -> the parallel-encoding reader.
+
+Every method here runs on the model worker thread (:mod:`service.model_worker`), one call at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from grerank.gumbel_topk import hard_topk
+from grerank.passage import Passage
+from service.document_index import DocumentIndex, Hit
+from service.document_store import NewDocument, StoredDocument
+from service.metrics import Metrics
+from service.models import Models
+from service.reader_cache import ReaderStateCache
+from service.settings import Settings
+
+
+class AnswerCancelled(Exception):
+    """The client went away while the answer was being generated."""
+
+
+@dataclass(frozen=True)
+class Selected:
+    document: StoredDocument
+    retrieval_score: float
+    rerank_score: float
+
+
+@dataclass
+class Answer:
+    answer: str
+    citations: list[Selected]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, models: Models, index: DocumentIndex, settings: Settings, metrics: Metrics) -> None:
+        self.models = models
+        self.index = index
+        self.settings = settings
+        self.metrics = metrics
+        self.reader_cache = ReaderStateCache(settings.reader_cache_mb * 2**20)
+
+    @property
+    def default_top_k(self) -> int:
+        """GRERANK_TOP_K, else the k the artifact was trained with, else GRERANK_DEFAULT_TOP_K."""
+        if self.settings.top_k is not None:
+            return self.settings.top_k
+        manifest = self.models.reranker_info.manifest or {}
+        k = (manifest.get("hyperparameters") or {}).get("k")
+        return int(k) if isinstance(k, int) and k > 0 else self.settings.default_top_k
+
+    # ---- embedding ----
+
+    def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        size = self.settings.embed_batch_size
+        for start in range(0, len(texts), size):
+            self.metrics.batch_size.labels("embed").observe(min(size, len(texts) - start))
+        return self.models.embedder.encode(
+            list(texts), batch_size=size, progress=progress, bf16=self.models.bf16
+        )
+
+    def embed_passages(self, passages: Sequence[Passage], progress: bool = False) -> np.ndarray:
+        return self.embed([p.as_text() for p in passages], progress=progress)
+
+    # ---- reranking ----
+
+    def rerank(
+        self, query: str, texts: Sequence[str], timings_ms: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """Scores ``[n]`` in input order. Fixed-size chunks of this request only, so a request's scores
+        depend on nothing but the request."""
+        size = self.settings.rerank_batch_size
+        scores = []
+        with self.metrics.stage("rerank", timings_ms):
+            for start in range(0, len(texts), size):
+                chunk = list(texts[start : start + size])
+                self.metrics.batch_size.labels("rerank").observe(len(chunk))
+                scores.append(self.models.reranker.predict(query, chunk, bf16=self.models.bf16))
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    @staticmethod
+    def order(scores: torch.Tensor, k: int | None = None) -> list[int]:
+        """Indices best first, ties by input position."""
+        return hard_topk(scores, k).tolist()
+
+    # ---- retrieval and answering ----
+
+    def retrieve(
+        self,
+        query: str,
+        k: int,
+        metadata_filter: Mapping[str, Any] | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> list[Hit]:
+        with self.metrics.stage("embed", timings_ms):
+            vector = self.embed([query])[0]
+        with self.metrics.stage("retrieve", timings_ms):
+            return self.index.search(vector, k, metadata_filter)
+
+    def answer(
+        self,
+        query: str,
+        top_k: int,
+        candidates: int,
+        metadata_filter: Mapping[str, Any] | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Answer:
+        timings: dict[str, float] = {}
+        hits = self.retrieve(query, candidates, metadata_filter, timings)
+        scores = self.rerank(query, [h.document.passage().as_text() for h in hits], timings)
+        chosen = self.order(scores, top_k)
+        selected = [Selected(hits[i].document, hits[i].score, float(scores[i])) for i in chosen]
+        reader = self.models.reader
+        pieces: list[str] = []
+        with self.metrics.stage("read", timings):
+            # One document per encoder call: a document's states never depend on what else is encoded.
+            states = self.reader_cache.get_or_encode(
+                [s.document.passage() for s in selected], lambda ps: reader.encode_documents(ps, batch_size=1)
+            )
+            self.metrics.reader_cache_bytes.set(self.reader_cache.bytes)
+            for piece in reader.stream_answer(query, states, self.settings.reader_max_new_tokens):
+                if cancelled is not None and cancelled():
+                    raise AnswerCancelled
+                pieces.append(piece)
+                if on_token is not None:
+                    on_token(piece)
+        return Answer("".join(pieces).strip(), selected, timings)
+
+    # ---- document management ----
+
+    def upsert(self, documents: Sequence[NewDocument]) -> list[int]:
+        with self.metrics.stage("index"):
+            vectors = self.embed_passages([Passage(d.title, d.text) for d in documents])
+            keys = self.index.upsert(documents, vectors)
+        self.metrics.documents_indexed.set(len(self.index))
+        return keys
+
+    def delete(self, doc_id: str) -> bool:
+        deleted = self.index.delete(doc_id)
+        self.metrics.documents_indexed.set(len(self.index))
+        return deleted

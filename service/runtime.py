@@ -1,0 +1,101 @@
+"""What one app instance serves: settings, metrics, the model worker and, once loaded, the pipeline.
+
+Loading runs as the first job of the model worker, so the HTTP server is up at once (``/healthz`` answers
+while models load) and ``/readyz`` turns 200 only when every model and the index are in memory. A failure
+(a bad artifact, a missing model) is kept as the reason and the service never becomes ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from service.document_index import DocumentIndex
+from service.metrics import Metrics
+from service.model_worker import ModelWorker
+from service.models import load_models
+from service.pipeline import Pipeline
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("embedder", "reranker", "reader", "index")
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.worker = ModelWorker(self.metrics)
+        self.pipeline: Pipeline | None = None
+        self.error: str | None = None
+        self.components = dict.fromkeys(COMPONENTS, "pending")
+
+    def start(self) -> None:
+        self.worker.submit(self._load)
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    def not_ready_reason(self) -> str:
+        if self.error is not None:
+            return f"failed to load: {self.error}"
+        waiting = [name for name, state in self.components.items() if state != "loaded"]
+        return f"loading: {', '.join(waiting)}"
+
+    def _load(self) -> None:
+        try:
+            self.components["embedder"] = "loading"
+
+            def loaded(role: str) -> None:
+                self.components[role] = "loaded"
+                following = {"embedder": "reranker", "reranker": "reader", "reader": "index"}[role]
+                self.components[following] = "loading"
+
+            models = load_models(self.settings, loaded)
+            index = DocumentIndex(self.settings.index_dir, models.embedder.dim, models.embedder_source)
+            pipeline = Pipeline(models, index, self.settings, self.metrics)
+            if index.needs_reembedding:
+                index.reembed(pipeline.embed_passages)
+            self.components["index"] = "loaded"
+            self.metrics.documents_indexed.set(len(index))
+            info = models.describe()
+            self.metrics.model_info.info(
+                {
+                    "embedder": info["embedder"]["source"],
+                    "reranker": info["reranker"]["source"],
+                    "reranker_architecture": info["reranker"]["architecture"],
+                    "reranker_status": info["reranker"]["status"],
+                    "reader": info["reader"]["source"],
+                    "device": info["device"],
+                    "precision": info["precision"],
+                }
+            )
+            self.pipeline = pipeline
+            self.metrics.ready.set(1)
+            log.info("ready: %d documents indexed, reranker: %s", len(index), info["reranker"]["status"])
+        except Exception as exc:  # any failure means "not ready", with the reason shown
+            self.error = f"{type(exc).__name__}: {exc}"
+            failed = next((n for n, s in self.components.items() if s == "loading"), None)
+            if failed:
+                self.components[failed] = "failed"
+            log.exception("the service cannot become ready")
+
+    def readiness(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": "ready" if self.ready else "not ready",
+            "components": dict(self.components),
+        }
+        if self.ready:
+            assert self.pipeline is not None
+            out["reranker"] = self.pipeline.models.reranker_info.status
+            out["documents_indexed"] = len(self.pipeline.index)
+        else:
+            out["reason"] = self.not_ready_reason()
+        return out
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        if self.pipeline is not None:
+            self.pipeline.index.close()
