@@ -22,8 +22,21 @@ from grerank.reranker import build_reranker
 from training import train as training
 from training.doc_state_cache import DocStateCache
 
-FILLER = "apple river stone cloud music paper garden window silver forest candle mirror".split()
-ANSWERS = "tiger piano rocket violin dragon castle pepper lemon".split()
+FILLER = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "music",
+    "paper",
+    "garden",
+    "window",
+    "silver",
+    "forest",
+    "candle",
+    "mirror",
+]
+ANSWERS = ["tiger", "piano", "rocket", "violin", "dragon", "castle", "pepper", "lemon"]
 
 
 def synthetic_split(path: Path, size: int, n: int, seed: int) -> Path:
@@ -126,7 +139,8 @@ def test_grerank_lifts_answer_recall_from_chance_to_near_one(
     summary = training.main(
         [
             "--train", str(train_file), "--dev", str(dev_file), "--n", "4", "--k", "1",
-            "--reranker", str(tiny_bert_dir), "--reranker-arch", "cross-encoder", "--reader", str(copy_reader_dir),
+            "--reranker", str(tiny_bert_dir), "--reranker-arch", "cross-encoder",
+            "--reader", str(copy_reader_dir),
             "--tau", "0.5", "--kappa", "1", "--lr", "3e-3", "--epochs", "6", "--batch-size", "4",
             "--precision", "fp32", "--dev-reader-questions", "20", "--select-by", "answer_recall@1",
             "--out", str(tmp_path / "run"),
