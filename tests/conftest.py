@@ -90,3 +90,10 @@ def tiny_t5_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         decoder_start_token_id=0,
     )
     return _save(T5ForConditionalGeneration(config), tokenizer_dir, tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def copy_reader_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.synthetic_qa import build_copy_reader
+
+    return build_copy_reader(tokenizer_dir, tmp_path_factory.mktemp("copy-reader"))

@@ -1,89 +1,20 @@
 """G-Rerank training: gradients reach the reranker, the cache changes nothing, and training learns.
 
-The learning test uses a synthetic task and a tiny *copying* reader built by hand: one attention layer with
-zero query/key projections (so it attends uniformly, scaled by the DMA mask) and identity value/output
-projections, tied to random embeddings. Its answer loss drops exactly when the document holding the answer
-word is visible, which is the signal G-Rerank needs. The answer document also carries a marker word the
-reranker can learn to spot; distractors never do.
+The learning test uses the synthetic task and the tiny copying reader of ``tests/synthetic_qa.py``.
 """
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from grerank.decoder_reader import DecoderReader
 from grerank.reranker import build_reranker
+from tests.synthetic_qa import synthetic_split
 from training import train as training
 from training.doc_state_cache import DocStateCache
-
-FILLER = [
-    "apple",
-    "river",
-    "stone",
-    "cloud",
-    "music",
-    "paper",
-    "garden",
-    "window",
-    "silver",
-    "forest",
-    "candle",
-    "mirror",
-]
-ANSWERS = ["tiger", "piano", "rocket", "violin", "dragon", "castle", "pepper", "lemon"]
-
-
-def synthetic_split(path: Path, size: int, n: int, seed: int) -> Path:
-    """FiD-layout questions whose answer word sits in one of ``n`` documents, next to the marker 'gold'."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(size):
-        answer = rng.choice(ANSWERS)
-        target = rng.randrange(n)
-        ctxs = []
-        for j in range(n):
-            words = rng.sample(FILLER, 5)
-            if j == target:
-                words[rng.randrange(5)] = f"gold {answer}"
-            ctxs.append({"title": "", "text": " ".join(words), "has_answer": j == target})
-        rows.append({"id": f"s{i}", "question": "which word?", "answers": [answer], "ctxs": ctxs})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def copy_reader_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=102,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 1.5)
-        attention = model.model.layers[0].self_attn
-        attention.q_proj.weight.zero_()
-        attention.k_proj.weight.zero_()
-        attention.v_proj.weight.copy_(torch.eye(64))
-        attention.o_proj.weight.copy_(torch.eye(64))
-        model.model.layers[0].mlp.down_proj.weight.zero_()
-    folder = tmp_path_factory.mktemp("copy-reader")
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
 
 
 def test_copy_reader_prefers_the_answer_document(copy_reader_dir: Path, tmp_path: Path) -> None:
@@ -108,7 +39,7 @@ def test_gradients_reach_the_reranker_and_cache_changes_no_loss(
     batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 3, 4, seed=1))
     reader = DecoderReader.from_pretrained(copy_reader_dir)
     reranker = build_reranker("bi-encoder", tiny_bert_dir)
-    args = training.parse_args(["--n", "4", "--k", "2"])
+    args = training.parse_args(["--candidates", "4", "--k", "2"])
     losses = []
     for cache in (
         DocStateCache(reader),
@@ -138,7 +69,7 @@ def test_grerank_lifts_answer_recall_from_chance_to_near_one(
     dev_file = synthetic_split(tmp_path / "dev.jsonl", 40, 4, seed=99)
     summary = training.main(
         [
-            "--train", str(train_file), "--dev", str(dev_file), "--n", "4", "--k", "1",
+            "--train", str(train_file), "--dev", str(dev_file), "--candidates", "4", "--k", "1",
             "--reranker", str(tiny_bert_dir), "--reranker-arch", "cross-encoder",
             "--reader", str(copy_reader_dir),
             "--tau", "0.5", "--kappa", "1", "--lr", "3e-3", "--epochs", "6", "--batch-size", "4",

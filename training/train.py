@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--limit-train", type=int, default=None, help="use only the first N train questions")
     g.add_argument("--limit-dev", type=int, default=None, help="use only the first N dev questions")
     g.add_argument(
-        "--n", type=int, default=10, help="candidates per question (questions with fewer are skipped)"
+        "--candidates", dest="n", type=int, default=10, help="n: candidates per question (fewer: skipped)"
     )
     g = p.add_argument_group("models")
     g.add_argument("--reranker-arch", choices=("bi-encoder", "cross-encoder"), default="bi-encoder")
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     args = p.parse_args(argv)
     if args.k > args.n:
-        p.error(f"--k ({args.k}) cannot exceed --n ({args.n})")
+        p.error(f"--k ({args.k}) cannot exceed --candidates ({args.n})")
     return args
 
 
