@@ -5,6 +5,7 @@ The learning test uses the synthetic task and the tiny copying reader of ``tests
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,21 @@ def test_grerank_lifts_answer_recall_from_chance_to_near_one(
     assert start < 50  # chance is 25 with 4 candidates
     assert best >= 90
     assert (tmp_path / "run" / "artifact" / "manifest.json").is_file()
+
+
+def test_resume_continues_from_the_checkpoint(
+    copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    data = synthetic_split(tmp_path / "train.jsonl", 8, 4, seed=0)
+    common = [
+        "--train", str(data), "--dev", str(data), "--candidates", "4", "--k", "1",
+        "--reranker", str(tiny_bert_dir), "--reader", str(copy_reader_dir), "--precision", "fp32",
+        "--batch-size", "4", "--dev-reader-questions", "4", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    first = training.main([*common, "--epochs", "1"])
+    assert [h["update"] for h in first["history"] if h["type"] == "train"] == [1, 2]
+    resumed = training.main([*common, "--epochs", "2", "--resume"])
+    updates = [h["update"] for h in resumed["history"] if h["type"] == "train"]
+    assert updates == [1, 2, 3, 4]  # the first epoch is not repeated
+    manifest = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
+    assert manifest["training"]["updates"] == 4

@@ -194,7 +194,7 @@ def reader_nll_at_k(
 ) -> float:
     """Mean answer NLL when the reader sees exactly the deterministic top-k (label-free dev criterion)."""
     total = 0.0
-    for start in range(0, len(examples), 8):
+    for start in tqdm(range(0, len(examples), 8), desc="dev reader", unit="batch", leave=False):
         batch = examples[start : start + 8]
         mask = hard_topk_mask(torch.tensor(scores[start : start + 8]), k)
         nll = reader.answer_nll(
@@ -215,7 +215,7 @@ def evaluate(
     args: argparse.Namespace,
     bf16: bool,
 ) -> dict:
-    scores = score_all(reranker, dev, bf16)
+    scores = score_all(reranker, dev, bf16, progress=True)
     metrics = ranking_metrics(dev, scores)
     flat = {name: m["value"] for name, m in metrics["all"].items()}
     if args.dev_reader_questions > 0:
@@ -293,7 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warmup))
     eval_every = args.eval_every or max(1, steps_per_epoch // args.grad_accum)
 
-    state = {"epoch": 0, "update": 0, "best": None, "history": [], "train_seconds": 0.0, "examples": 0}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "update": 0,
+        "best": None,
+        "history": [],
+        "train_seconds": 0.0,
+        "examples": 0,
+    }
     checkpoint = out / "checkpoint.pt"
     best_weights = None
     if args.resume and checkpoint.is_file():
@@ -331,51 +339,63 @@ def main(argv: list[str] | None = None) -> dict:
         run_eval()  # the starting reranker is a candidate too: training must beat it to be kept
 
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    if "generator" in state:
+        generator.set_state(state["generator"])
+
+    def save_checkpoint() -> None:
+        state["train_seconds"] = time.perf_counter() - t_start
+        state["generator"] = generator.get_state()
+        if is_main:
+            torch.save(
+                {
+                    "reranker": reranker.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "state": state,
+                    "best_weights": best_weights,
+                    "args": vars(args),
+                },
+                checkpoint,
+            )
+
     t_start = time.perf_counter() - state["train_seconds"]
     for epoch in range(state["epoch"], args.epochs):
         state["epoch"] = epoch
         order = list(range(len(shard)))
-        random.Random(args.seed + epoch).shuffle(order)
+        random.Random(args.seed + epoch).shuffle(order)  # the same order again on resume
         model.train()
+        starts = range(0, len(order), args.batch_size)
         bar = tqdm(
-            range(0, len(order), args.batch_size),
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=not is_main,
+            starts, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, initial=state["step"]
         )
-        for step, start in enumerate(bar):
+        for step, start in enumerate(starts):
+            if step < state["step"]:
+                continue  # done before the checkpoint we resumed from
             batch = [shard[i] for i in order[start : start + args.batch_size]]
             loss, parts = grerank_loss(
                 batch, model, reader, cache, args, generator, start_scores, dtype if bf16 else None
             )
             (loss / args.grad_accum).backward()
             state["examples"] += len(batch) * world
+            bar.update()
             if (step + 1) % args.grad_accum == 0 or start + args.batch_size >= len(order):
                 torch.nn.utils.clip_grad_norm_(reranker.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["update"] += 1
+                state["step"] = step + 1
                 elapsed = time.perf_counter() - t_start
                 record(
                     {"type": "train", "epoch": epoch, "update": state["update"], "loss": loss.item(), **parts}
                 )
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{state['examples'] / elapsed:.2f}")
                 if state["update"] % eval_every == 0:
-                    state["train_seconds"] = time.perf_counter() - t_start
                     run_eval()
-                    if is_main:
-                        torch.save(
-                            {
-                                "reranker": reranker.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "schedule": schedule.state_dict(),
-                                "state": state,
-                                "best_weights": best_weights,
-                                "args": vars(args),
-                            },
-                            checkpoint,
-                        )
-        state["epoch"] = epoch + 1
+                    save_checkpoint()
+        bar.close()
+        state["epoch"], state["step"] = epoch + 1, 0
+        save_checkpoint()
     state["train_seconds"] = time.perf_counter() - t_start
 
     summary = {"best": state["best"], "start": state.get("start_metrics"), "history": state["history"]}
