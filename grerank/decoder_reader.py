@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-from grerank.masked_attention import causal_block, document_log_mask, key_bias, to_additive
+from grerank.masked_attention import causal_block, concat_documents, document_log_mask, key_bias, to_additive
 from grerank.passage import Passage
+from grerank.text_stream import IncrementalDecoder
 
 
 @dataclass(frozen=True)
@@ -194,25 +195,12 @@ class DecoderReader:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Past states [layers, 2, B, kvh, K, d], key document index [B, K], question start [B]."""
         prefix = self.prefix_states()
-        prefix_len = prefix.shape[-2]
-        rows, index_rows, starts = [], [], []
-        for b, docs in enumerate(doc_states):
-            parts = [prefix] + [d.to(self.device, self.dtype) for d in docs]
-            rows.append(torch.cat(parts, dim=-2))
-            index_rows.append(
-                torch.cat(
-                    [torch.full((prefix_len,), -1, dtype=torch.long)]
-                    + [torch.full((d.shape[-2],), i, dtype=torch.long) for i, d in enumerate(docs)]
-                )
-            )
-            visible = [d.shape[-2] for i, d in enumerate(docs) if mask[b, i] != 0]
-            starts.append(prefix_len + max(visible, default=0))
-        width = max(r.shape[-2] for r in rows)
-        past = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows], dim=2)
-        key_index = torch.stack(
-            [torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows]
-        )
-        return past, key_index.to(self.device), torch.tensor(starts, device=self.device)
+        docs = [[d.to(self.device, self.dtype) for d in row] for row in doc_states]
+        # States are [layers, 2, kvh, L, d]: the sequence is dim -2, the batch goes in at dim 2.
+        past, key_index = concat_documents(docs, seq_dim=-2, batch_dim=2, lead=prefix)
+        visible = [[d.shape[-2] for i, d in enumerate(row) if mask[b, i] != 0] for b, row in enumerate(docs)]
+        starts = torch.tensor([prefix.shape[-2] + max(v, default=0) for v in visible], device=self.device)
+        return past, key_index, starts
 
     def _question_ids(self, question: str) -> list[int]:
         return self._ids(self.prompt.question.format(question=question))[-self.max_question_tokens :]
@@ -279,8 +267,7 @@ class DecoderReader:
         keys = past.shape[-2]
         step = torch.tensor([ids], device=self.device)
         cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past])
-        generated: list[int] = []
-        emitted = ""
+        text = IncrementalDecoder(self.tokenizer, self.prompt.stop)
         for _ in range(max_new_tokens):
             length = step.shape[1]
             attn = torch.cat(
@@ -298,17 +285,15 @@ class DecoderReader:
             token = int(out.logits[0, -1].argmax())
             if token in self.eos_ids:
                 break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if self.prompt.stop and self.prompt.stop in text:
-                text = text.split(self.prompt.stop)[0]
-                if len(text) > len(emitted):
-                    yield text[len(emitted) :]
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for complete characters
-                yield text[len(emitted) :]
-                emitted = text
             step = torch.tensor([[token]], device=self.device)
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
         return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()

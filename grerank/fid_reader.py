@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from grerank.masked_attention import document_log_mask, key_bias, to_additive
+from grerank.masked_attention import concat_documents, document_log_mask, key_bias, to_additive
 from grerank.passage import Passage
+from grerank.text_stream import IncrementalDecoder
 
 FID_TEMPLATE = "question: {question} title: {title} context: {text}"
 
@@ -108,17 +109,8 @@ class FiDReader:
 
     def _layout(self, doc_states: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated encoder states ``[B, K, d]`` (zero-padded) and key document index ``[B, K]``."""
-        rows = [torch.cat([d.to(self.device, self.dtype) for d in docs]) for docs in doc_states]
-        index_rows = [
-            torch.cat([torch.full((d.shape[0],), i, dtype=torch.long) for i, d in enumerate(docs)])
-            for docs in doc_states
-        ]
-        width = max(r.shape[0] for r in rows)
-        states = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        key_index = torch.stack(
-            [torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows]
-        )
-        return states, key_index.to(self.device)
+        docs = [[d.to(self.device, self.dtype) for d in row] for row in doc_states]
+        return concat_documents(docs, seq_dim=0, batch_dim=0)
 
     # ---- answer: the differentiable part ------------------------------------------------------------------
 
@@ -186,8 +178,7 @@ class FiDReader:
         states, _ = self._layout([doc_states])  # one example: no padding, no mask needed
         cache = None  # the model starts an EncoderDecoderCache; cross-attention keys are computed once
         step = torch.tensor([[self.start_id]], device=self.device)
-        generated: list[int] = []
-        emitted = ""
+        text = IncrementalDecoder(self.tokenizer)
         for _ in range(max_new_tokens):
             out = self.model(
                 encoder_outputs=(states,), decoder_input_ids=step, past_key_values=cache, use_cache=True
@@ -196,16 +187,13 @@ class FiDReader:
             token = int(out.logits[0, -1].argmax())
             if token == self.eos_id:
                 break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            # Yield only growth of the text, and wait for complete characters (byte-level vocabularies).
-            if len(text) > len(emitted) and text.startswith(emitted) and not text.endswith("\ufffd"):
-                yield text[len(emitted) :]
-                emitted = text
+            piece = text.push(token)
+            if piece:
+                yield piece
             step = torch.tensor([[token]], device=self.device)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted) :]
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
         return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()

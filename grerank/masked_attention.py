@@ -10,6 +10,8 @@ that document at all. Below ``eps`` the log is clamped, so gradients stay finite
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 EPS = 1e-12
@@ -59,3 +61,40 @@ def to_additive(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def causal_block(length: int, device: torch.device | None = None) -> torch.Tensor:
     """``[length, length]`` additive causal mask (0 on and below the diagonal, ``-inf`` above)."""
     return torch.full((length, length), float("-inf"), device=device).triu(1)
+
+
+def concat_documents(
+    docs_per_example: Sequence[Sequence[torch.Tensor]],
+    seq_dim: int,
+    batch_dim: int,
+    lead: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay each example's document states end to end and pad the examples to one batch.
+
+    Each example becomes ``[lead] [doc 0] [doc 1] ...`` along ``seq_dim`` (``lead``, e.g. an instruction
+    prefix, belongs to no document), zero-padded to the longest example and stacked on a new ``batch_dim``.
+    Returns ``(states, key_doc_index [B, K])`` with index ``-1`` for ``lead`` and ``-2`` for padding, as
+    :func:`key_bias` expects.
+    """
+    rows, index_rows = [], []
+    for docs in docs_per_example:
+        parts = ([lead] if lead is not None else []) + list(docs)
+        rows.append(torch.cat(parts, dim=seq_dim))
+        index_rows.append(
+            torch.cat(
+                ([torch.full((lead.shape[seq_dim],), -1, dtype=torch.long)] if lead is not None else [])
+                + [torch.full((d.shape[seq_dim],), i, dtype=torch.long) for i, d in enumerate(docs)]
+            )
+        )
+    width = max(r.shape[seq_dim] for r in rows)
+
+    def pad(row: torch.Tensor) -> torch.Tensor:
+        shape = list(row.shape)
+        shape[seq_dim] = width - row.shape[seq_dim]
+        return torch.cat([row, row.new_zeros(shape)], dim=seq_dim)
+
+    states = torch.stack([pad(r) for r in rows], dim=batch_dim)
+    key_index = torch.stack(
+        [torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows]
+    )
+    return states, key_index.to(states.device)
