@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def rejected(request: Request, exc: RequestRejected) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    # ---- probes, metrics, info: open (orchestrators and scrapers carry no API key) ----
+    # ---- probes and metrics: open (orchestrators and scrapers carry no API key) ----
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
