@@ -36,7 +36,7 @@ index: $(STAMP)  ## build the demo index from the vendored HotpotQA paragraphs i
 	$(PY) -m service.build_index --if-missing
 
 serve: models index  ## set up, build the demo index if missing, serve on $HOST:$PORT
-	$(PY) -m uvicorn service.app:create_app --factory --host $(HOST) --port $(PORT)
+	$(PY) -m service --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
