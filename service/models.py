@@ -19,6 +19,7 @@ from grerank import model_paths
 from grerank.artifact import load_artifact
 from grerank.decoder_reader import DecoderReader
 from grerank.reranker import CONFIG_FILE, Reranker, build_reranker
+from grerank.runtime import resolve_device, resolve_dtype
 from grerank.sentence_encoder import SentenceEncoder
 from service.settings import Settings
 
@@ -67,27 +68,8 @@ class Models:
         }
 
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_bf16(setting: str, device: torch.device) -> bool:
-    if setting != "auto":
-        return setting == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
+    return resolve_dtype(setting, device) == torch.bfloat16
 
 
 def load_embedder(settings: Settings, device: torch.device) -> tuple[SentenceEncoder, str]:
