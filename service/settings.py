@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         "or 'X-API-Key'. Probes and /metrics stay open.",
     )
 
+    @field_validator("artifact", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # GRERANK_ARTIFACT= (empty, as templates often leave it) means "no artifact", not the current folder.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

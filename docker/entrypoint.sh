@@ -1,0 +1,37 @@
+#!/bin/sh
+# Container entrypoint: make sure GRERANK_INDEX_DIR holds an index, then exec the command, so the server is
+# PID 1 and receives SIGTERM itself (no shell in between to swallow or delay it).
+#
+#   GRERANK_BUILD_INDEX=if-missing (default)  when GRERANK_INDEX_DIR has no index, copy one from
+#       GRERANK_INDEX_SEED (a published index, e.g. a read-only volume) or from the demo index baked into
+#       the image; build it from the shipped HotpotQA paragraphs only if neither exists.
+#   GRERANK_BUILD_INDEX=never                 start with whatever is there (an empty index if nothing).
+set -eu
+
+# An empty GRERANK_ARTIFACT would be read as the current directory: empty means "no artifact".
+if [ -z "${GRERANK_ARTIFACT:-}" ]; then
+    unset GRERANK_ARTIFACT
+fi
+
+has_index() {
+    [ -f "$1/vectors.faiss" ] && [ -f "$1/documents.sqlite3" ]
+}
+
+if [ "${GRERANK_BUILD_INDEX:-if-missing}" = "if-missing" ]; then
+    dest="${GRERANK_INDEX_DIR:?GRERANK_INDEX_DIR is not set}"
+    if ! has_index "$dest"; then
+        for src in ${GRERANK_INDEX_SEED:-} /opt/grerank/demo-index; do
+            if has_index "$src"; then
+                mkdir -p "$dest"
+                cp -R "$src/." "$dest/"
+                echo "grerank-entrypoint: copied the index from $src to $dest"
+                break
+            fi
+        done
+    fi
+    if ! has_index "$dest"; then
+        python -m service.build_index --if-missing
+    fi
+fi
+
+exec "$@"
