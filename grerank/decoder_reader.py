@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
 from grerank.masked_attention import causal_block, concat_documents, document_log_mask, key_bias, to_additive
 from grerank.passage import Passage
+from grerank.readers import Reader
 from grerank.text_stream import IncrementalDecoder
 
 
@@ -66,12 +66,13 @@ PLAIN = PromptFormat(
 )
 
 
-class DecoderReader:
+class DecoderReader(Reader):
     """A frozen causal LM that reads parallel-encoded documents under a (soft) document mask.
 
     Document states are tensors ``[layers, 2, kv_heads, length, head_dim]`` (keys and values).
     """
 
+    auto_model = AutoModelForCausalLM
     family = "decoder"
 
     def __init__(
@@ -92,27 +93,6 @@ class DecoderReader:
         self.prefix_ids = self._ids(self.prompt.prefix)
         self._prefix_states: torch.Tensor | None = None
         self.eos_ids = {i for i in (tokenizer.eos_token_id, *self._ids(self.prompt.stop)) if i is not None}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **kwargs,
-    ) -> DecoderReader:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # Eager attention adds the mask to the logits in plain autograd ops, so the DMA gradient is exact.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-        return cls(model.to(device), tokenizer, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -242,17 +222,6 @@ class DecoderReader:
         total = (logprobs * target).sum(dim=1)
         return total, target.sum(dim=1)
 
-    def answer_nll(
-        self,
-        questions: Sequence[str],
-        answers: Sequence[str],
-        doc_states: Sequence[Sequence[torch.Tensor]],
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mean negative log-likelihood per answer token, one value per question ``[B]``."""
-        total, count = self.answer_log_likelihood(questions, answers, doc_states, mask)
-        return -total / count.clamp_min(1)
-
     # ---- generation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -294,6 +263,3 @@ class DecoderReader:
         piece = text.finish()
         if piece:
             yield piece
-
-    def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
-        return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()

@@ -13,24 +13,25 @@ and ``question`` in :meth:`FiDReader.stream_answer` are accepted for interface p
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
 from grerank.masked_attention import concat_documents, document_log_mask, key_bias, to_additive
 from grerank.passage import Passage
+from grerank.readers import Reader
 from grerank.text_stream import IncrementalDecoder
 
 FID_TEMPLATE = "question: {question} title: {title} context: {text}"
 
 
-class FiDReader:
+class FiDReader(Reader):
     """A frozen T5-style encoder-decoder reading independently encoded (question, passage) pairs.
 
     Document states are the encoder's last hidden states, one ``[length, d_model]`` tensor per passage.
     """
 
+    auto_model = AutoModelForSeq2SeqLM
     family = "fid"
 
     def __init__(
@@ -52,27 +53,6 @@ class FiDReader:
         self.start_id: int = (
             config.decoder_start_token_id if config.decoder_start_token_id is not None else self.pad_id
         )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **kwargs,
-    ) -> FiDReader:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # Eager attention adds the mask to the logits in plain autograd ops, so the DMA gradient is exact.
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-        return cls(model.to(device), tokenizer, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     # ---- documents: no gradients, computed once per (question, passage) -----------------------------------
 
@@ -156,17 +136,6 @@ class FiDReader:
         valid = torch.arange(width, device=self.device)[None] < lengths[:, None]
         return (logprobs * valid).sum(dim=1), lengths
 
-    def answer_nll(
-        self,
-        questions: Sequence[str],
-        answers: Sequence[str],
-        doc_states: Sequence[Sequence[torch.Tensor]],
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mean negative log-likelihood per answer token, one value per question ``[B]``."""
-        total, count = self.answer_log_likelihood(questions, answers, doc_states, mask)
-        return -total / count.clamp_min(1)
-
     # ---- generation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -194,6 +163,3 @@ class FiDReader:
         piece = text.finish()
         if piece:
             yield piece
-
-    def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
-        return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()

@@ -1,13 +1,84 @@
-"""Pick the reader family for a model folder: decoder-only (default) or Fusion-in-Decoder (T5)."""
+"""Readers: the interface both reader families share, and picking the family for a model folder.
+
+A reader is frozen. ``encode_documents`` gives per-passage states (computed without gradients, reusable),
+``answer_log_likelihood`` reads them under a (soft) document mask and is differentiable in that mask, and
+``stream_answer`` generates greedily with every given document visible.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
+
+from grerank.passage import Passage
 
 READER_FAMILIES = ("auto", "decoder", "fid")
+
+
+class Reader:
+    family: str
+    auto_model: type  # the transformers Auto class that loads this family
+
+    def __init__(self, model: torch.nn.Module, tokenizer, **limits) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Reader:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Eager attention adds the mask to the logits in plain autograd ops, so the DMA gradient is exact.
+        model = cls.auto_model.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def encode_documents(
+        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 16
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def answer_log_likelihood(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        doc_states: Sequence[Sequence[torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum of answer-token log-probs [B], answer tokens [B])`` under ``mask`` ``[B, n]``."""
+        raise NotImplementedError
+
+    def answer_nll(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        doc_states: Sequence[Sequence[torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood per answer token, one value per question ``[B]``."""
+        total, count = self.answer_log_likelihood(questions, answers, doc_states, mask)
+        return -total / count.clamp_min(1)
+
+    def stream_answer(
+        self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32
+    ) -> Iterator[str]:
+        raise NotImplementedError
+
+    def generate(self, question: str, doc_states: Sequence[torch.Tensor], max_new_tokens: int = 32) -> str:
+        return "".join(self.stream_answer(question, doc_states, max_new_tokens)).strip()
 
 
 def load_reader(
@@ -15,7 +86,7 @@ def load_reader(
     family: str = "auto",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-):
+) -> Reader:
     """A frozen reader for ``path``; ``auto`` picks FiD for encoder-decoder models, else decoder-only."""
     if family not in READER_FAMILIES:
         raise ValueError(f"unknown reader family {family!r}; expected one of {READER_FAMILIES}")
