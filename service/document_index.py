@@ -20,7 +20,7 @@ import numpy as np
 
 from grerank.passage import Passage
 from service.document_store import DocumentStore, NewDocument, StoredDocument
-from service.vector_index import VectorIndex, VectorIndexError
+from service.vector_index import VectorIndex, VectorIndexError, remove_stale_temporaries
 
 STORE_FILE = "documents.sqlite3"
 INDEX_FILE = "vectors.faiss"
@@ -42,6 +42,8 @@ class DocumentIndex:
         self.dim = dim
         self.embedder_id = embedder_id
         self.index_path = self.folder / INDEX_FILE
+        for stale in remove_stale_temporaries(self.index_path):
+            log.warning("removed %s, left by a writer that did not finish", stale.name)
         self.store = DocumentStore(self.folder / STORE_FILE)
         self._lock = threading.RLock()
         recorded = (self.store.get_meta("embedder"), self.store.get_meta("dim"))

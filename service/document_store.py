@@ -219,9 +219,9 @@ def content_id(title: str, text: str, prefix: str = "doc") -> str:
 
 
 def _json_path(name: str) -> str:
-    # SQLite JSON paths cannot escape a double quote inside a quoted key.
-    if '"' in name or not name:
-        raise ValueError(f"metadata filter key {name!r} must be non-empty and contain no double quote")
+    # SQLite JSON paths cannot escape a double quote or a NUL inside a quoted key.
+    if '"' in name or "\0" in name or not name:
+        raise ValueError(f"metadata filter key {name!r} must be non-empty and contain no double quote or NUL")
     return f'$."{name}"'
 
 

@@ -49,6 +49,28 @@ class Metrics:
         self.queue_depth = Gauge(
             "grerank_queue_depth", "Model jobs waiting or running on the model worker.", registry=r
         )
+        self.admitted_requests = Gauge(
+            "grerank_admitted_requests",
+            "Requests for model work admitted and not yet answered (at most GRERANK_MAX_QUEUE).",
+            registry=r,
+        )
+        self.shed_requests = Counter(
+            "grerank_shed_requests",
+            "Requests refused with 429 because GRERANK_MAX_QUEUE requests were already admitted, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.stage_timeouts = Counter(
+            "grerank_stage_timeouts",
+            "Pipeline stages stopped for exceeding their GRERANK_STAGE_TIMEOUTS limit, by stage.",
+            ["stage"],
+            registry=r,
+        )
+        self.reader_failures = Counter(
+            "grerank_reader_failures",
+            "/answer requests answered without the reader (it failed or timed out), with an error field.",
+            registry=r,
+        )
         self.documents_indexed = Gauge("grerank_documents_indexed", "Documents in the index.", registry=r)
         self.ready = Gauge("grerank_ready", "1 when models and index are loaded.", registry=r)
         self.reader_cache_bytes = Gauge(

@@ -8,6 +8,7 @@ as when the request is served alone. (Cross-request batching would change that a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,9 +36,11 @@ class ModelWorker:
             self._metrics.queue_depth.set(self._pending)
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
-        """Queue ``fn(*args)``; the queue depth counts it until it has finished, even if nobody waits."""
+        """Queue ``fn(*args)``; the queue depth counts it until it has finished, even if nobody waits.
+
+        It runs in a copy of the caller's context, so what it logs carries the caller's request id."""
         self._count(1)
-        future = self._executor.submit(fn, *args)
+        future = self._executor.submit(contextvars.copy_context().run, fn, *args)
         future.add_done_callback(lambda _: self._count(-1))
         return future
 

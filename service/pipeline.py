@@ -2,12 +2,17 @@
 
 ``/answer``: embed the query -> FAISS retrieval -> rerank the candidates -> deterministic top-k (no noise,
 ties by candidate order: the very ``hard_topk`` training evaluates with) -> the parallel-encoding reader.
+If the reader fails or runs out of time, the answer is None with an ``error``, and the reranked documents
+are still returned: they are most of the value, and were computed.
+
+Each stage checks its time limit (:mod:`service.stage_timeouts`) between units of work.
 
 Every method here runs on the model worker thread (:mod:`service.model_worker`), one call at a time.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +28,10 @@ from service.metrics import Metrics
 from service.models import Models
 from service.reader_cache import ReaderStateCache
 from service.settings import Settings
+from service.stage_timeouts import StageClock, StageTimeout
+from service.truncation import TruncationPolicy
+
+log = logging.getLogger(__name__)
 
 
 class AnswerCancelled(Exception):
@@ -38,9 +47,10 @@ class Selected:
 
 @dataclass
 class Answer:
-    answer: str
+    answer: str | None
     citations: list[Selected]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    error: dict[str, str] | None = None  # {"stage": "read", "detail": ...} when answered without the reader
 
 
 class Pipeline:
@@ -50,6 +60,10 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics
         self.reader_cache = ReaderStateCache(settings.reader_cache_mb * 2**20)
+        self.truncation = TruncationPolicy(models.reranker, models.reader)
+
+    def _clock(self, stage: str) -> StageClock:
+        return StageClock(stage, self.settings.stage_timeouts[stage])
 
     @property
     def default_top_k(self) -> int:
@@ -81,13 +95,23 @@ class Pipeline:
         """Scores ``[n]`` in input order. Fixed-size chunks of this request only, so a request's scores
         depend on nothing but the request."""
         size = self.settings.rerank_batch_size
+        query = self.truncation.fit_query(query)
         scores = []
         with self.metrics.stage("rerank", timings_ms):
+            clock = self._clock("rerank")
             for start in range(0, len(texts), size):
                 chunk = list(texts[start : start + size])
                 self.metrics.batch_size.labels("rerank").observe(len(chunk))
                 scores.append(self.models.reranker.predict(query, chunk, bf16=self.models.bf16))
+                clock.check()
         return torch.cat(scores) if scores else torch.zeros(0)
+
+    def rerank_request(
+        self, query: str, texts: Sequence[str], timings_ms: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``/rerank``: the scores, and what of the request the reranker did not read (``meta.truncation``).
+        On the worker thread, like the scoring: tokenizers must not be shared between threads."""
+        return self.rerank(query, texts, timings_ms), self.truncation.report(query, texts)
 
     @staticmethod
     def order(scores: torch.Tensor, k: int | None = None) -> list[int]:
@@ -104,9 +128,14 @@ class Pipeline:
         timings_ms: dict[str, float] | None = None,
     ) -> list[Hit]:
         with self.metrics.stage("embed", timings_ms):
+            clock = self._clock("embed")
             vector = self.embed([query])[0]
+            clock.check()
         with self.metrics.stage("retrieve", timings_ms):
-            return self.index.search(vector, k, metadata_filter)
+            clock = self._clock("retrieve")
+            hits = self.index.search(vector, k, metadata_filter)
+            clock.check()
+        return hits
 
     def answer(
         self,
@@ -122,13 +151,42 @@ class Pipeline:
         scores = self.rerank(query, [h.document.passage().as_text() for h in hits], timings)
         chosen = self.order(scores, top_k)
         selected = [Selected(hits[i].document, hits[i].score, float(scores[i])) for i in chosen]
+        try:
+            text = self._read(query, selected, timings, on_token, cancelled)
+        except AnswerCancelled:
+            raise
+        except Exception as exc:  # the reader failed or ran out of time: answer with the documents alone
+            self.metrics.reader_failures.inc()
+            if isinstance(exc, StageTimeout):
+                self.metrics.stage_timeouts.labels("read").inc()
+                log.warning("answering without the reader: %s", exc)
+                detail = str(exc)
+            else:
+                log.exception("the reader failed; answering with the reranked documents only")
+                detail = f"the reader failed: {type(exc).__name__}: {exc}"
+            return Answer(None, selected, timings, {"stage": "read", "detail": detail})
+        return Answer(text, selected, timings)
+
+    def _read(
+        self,
+        query: str,
+        selected: Sequence[Selected],
+        timings: dict[str, float],
+        on_token: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> str:
         reader = self.models.reader
         pieces: list[str] = []
         with self.metrics.stage("read", timings):
-            # One document per encoder call: a document's states never depend on what else is encoded.
-            states = self.reader_cache.get_or_encode(
-                [s.document.passage() for s in selected], lambda ps: reader.encode_documents(ps, batch_size=1)
-            )
+            clock = self._clock("read")
+
+            def encode(passages: list[Passage]) -> list[torch.Tensor]:
+                # One document per encoder call: a document's states never depend on what else is encoded.
+                states = reader.encode_documents(passages, batch_size=1)
+                clock.check()
+                return states
+
+            states = self.reader_cache.get_or_encode([s.document.passage() for s in selected], encode)
             self.metrics.reader_cache_bytes.set(self.reader_cache.bytes)
             for piece in reader.stream_answer(query, states, self.settings.reader_max_new_tokens):
                 if cancelled is not None and cancelled():
@@ -136,13 +194,16 @@ class Pipeline:
                 pieces.append(piece)
                 if on_token is not None:
                     on_token(piece)
-        return Answer("".join(pieces).strip(), selected, timings)
+                clock.check()
+        return "".join(pieces).strip()
 
     # ---- document management ----
 
     def upsert(self, documents: Sequence[NewDocument]) -> list[int]:
         with self.metrics.stage("index"):
+            clock = self._clock("index")
             vectors = self.embed_passages([Passage(d.title, d.text) for d in documents])
+            clock.check()  # the last point of return: past it the write is committed and acknowledged
             keys = self.index.upsert(documents, vectors)
         self.metrics.documents_indexed.set(len(self.index))
         return keys

@@ -34,9 +34,10 @@ def check_texts(texts: Sequence[str], settings: Settings, limit: int, limit_name
 
 def check_filter(request: RetrieveRequest | AnswerRequest) -> None:
     for key in request.filter or {}:
-        if not key or '"' in key:
+        # SQLite JSON paths can escape neither a double quote nor a NUL inside a quoted key.
+        if not key or '"' in key or "\0" in key:
             raise RequestRejected(
-                f"metadata filter key {key!r} must be non-empty and contain no double quote"
+                f"metadata filter key {key!r} must be non-empty and contain no double quote or NUL"
             )
 
 

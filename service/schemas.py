@@ -7,12 +7,33 @@ configuration (sizes, counts) are checked in :mod:`service.request_limits`, not 
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-# Metadata filters compare a top-level metadata key for equality.
-FilterValue = StrictStr | bool | int | float
+
+def _encodable(value: str) -> str:
+    # JSON can carry lone UTF-16 surrogates ("\ud800"), which no tokenizer, hash or database takes.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
+    return value
+
+
+# Every text field of a request: a string (no coercion from numbers) that encodes as UTF-8.
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+
+# Metadata filters compare a top-level metadata key for equality; SQLite integers are 64-bit.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+FilterValue = Text | bool | Int64 | Annotated[float, Field(allow_inf_nan=False)]
+
+
+# What the validators below enforce, stated in the schema too (clients and schema-driven tests read it),
+# while the validators keep their plainer error messages.
+NON_EMPTY_TEXT = {"minLength": 1}
+NON_EMPTY_LIST = {"minItems": 1}
 
 
 def _not_blank(value: str, what: str) -> str:
@@ -21,23 +42,47 @@ def _not_blank(value: str, what: str) -> str:
     return value
 
 
+MAX_METADATA_DEPTH = 32
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Metadata must survive storage and a JSON round trip: finite numbers, encodable strings (keys too),
+    and a bounded nesting depth (walked without recursion, so no depth can exhaust the stack here)."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("metadata numbers must be finite")
+        if isinstance(value, str):
+            _encodable(value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+            if isinstance(value, dict):
+                for key in value:
+                    _encodable(key)
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
 class RerankDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    text: StrictStr
-    id: StrictStr | None = None
+    text: Text
+    id: Text | None = None
 
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    query: StrictStr = Field(description="The search query.")
-    documents: list[StrictStr | RerankDocument] = Field(
-        description="Texts to score, as strings or objects with 'text' and an optional 'id'."
+    query: Text = Field(description="The search query.", json_schema_extra=NON_EMPTY_TEXT)
+    documents: list[Text | RerankDocument] = Field(
+        description="Texts to score, as strings or objects with 'text' and an optional 'id'.",
+        json_schema_extra=NON_EMPTY_LIST,
     )
     top_n: int | None = Field(None, ge=1, description="Return only the best top_n results (default: all).")
     return_documents: bool = Field(False, description="Include each document's text in the results.")
-    model: str | None = Field(None, description="Accepted for client compatibility; one model is served.")
+    model: Text | None = Field(None, description="Accepted for client compatibility; one model is served.")
     raw_scores: bool = Field(
         False, description="Return the reranker's raw scores instead of scores squashed into [0, 1]."
     )
@@ -78,8 +123,8 @@ class RerankResponse(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr
-    filter: dict[str, FilterValue] | None = Field(
+    query: Text = Field(json_schema_extra=NON_EMPTY_TEXT)
+    filter: dict[Text, FilterValue] | None = Field(
         None, description="Only documents whose metadata has these key/value pairs."
     )
 
@@ -127,26 +172,47 @@ class Citation(BaseModel):
     rerank_score: float
 
 
+class StageError(BaseModel):
+    stage: str = Field(description="The pipeline stage that failed or timed out.")
+    detail: str
+
+
 class AnswerResponse(BaseModel):
-    answer: str
+    answer: str | None = Field(description="None when the reader failed; see 'error'.")
     citations: list[Citation]
     timings_ms: dict[str, float]
+    error: StageError | None = Field(
+        None,
+        description="Set when the reader failed or ran out of time: the citations are the reranked "
+        "documents, the answer is None.",
+    )
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    stage: str | None = Field(None, description="For 504: the pipeline stage that ran out of time.")
 
 
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: StrictStr | None = Field(
+    id: Text | None = Field(
         None, min_length=1, max_length=512, description="Stable id; default: a hash of title and text."
     )
-    title: StrictStr = ""
-    text: StrictStr
+    title: Text = ""
+    text: Text = Field(json_schema_extra=NON_EMPTY_TEXT)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("text")
     @classmethod
     def _text(cls, value: str) -> str:
         return _not_blank(value, "text")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_metadata(value)
+        return value
 
 
 class DocumentsUpsert(BaseModel):

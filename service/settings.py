@@ -6,15 +6,24 @@ Every field below is one variable: ``reranker`` is ``GRERANK_RERANKER``, ``api_k
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Routes for orchestrators and scrapers, which may be left open when API keys are set (GRERANK_OPEN_PATHS).
+OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
+# A configured key written as its sha256 digest, so the plain key need not be in the environment.
+DIGEST_PREFIX = "sha256:"
+# Generous on purpose: CPU inference of the largest allowed request must fit; tighten them per deployment.
+DEFAULT_STAGE_TIMEOUTS = {"embed": 30.0, "retrieve": 30.0, "rerank": 120.0, "read": 120.0, "index": 600.0}
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GRERANK_", extra="ignore")
+    # hide_input_in_errors: a rejected setting is named, never echoed (it may hold or sit beside an API key).
+    model_config = SettingsConfigDict(env_prefix="GRERANK_", extra="ignore", hide_input_in_errors=True)
 
     # ---- models ----
     embedder: str = Field("default", description="FAISS embedder: 'default' (MiniLM) or a local HF folder.")
@@ -60,12 +69,44 @@ class Settings(BaseSettings):
     reader_max_new_tokens: int = Field(32, ge=1, le=512)
     reader_cache_mb: int = Field(512, ge=0, description="Memory for cached per-document reader states.")
 
+    # ---- overload and timeouts ----
+    max_queue: int = Field(
+        32,
+        ge=1,
+        description="Requests for model work admitted at once (waiting for or on the model worker); "
+        "beyond it 429 with Retry-After.",
+    )
+    stage_timeouts: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_STAGE_TIMEOUTS),
+        description="Seconds per pipeline stage, e.g. 'rerank=30,read=60' (unnamed stages keep their "
+        "default); over it a 504 naming the stage.",
+    )
+
     # ---- access ----
+    # repr=False: the keys never appear in a printed or logged Settings.
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated keys; when set, API routes need 'Authorization: Bearer <key>' "
-        "or 'X-API-Key'. Probes and /metrics stay open.",
+        repr=False,
+        description="Comma-separated keys with full access, plain or as 'sha256:<hex digest>'; when any key "
+        "is set, API routes need 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
     )
+    read_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated read-only keys (plain or 'sha256:<hex>'): every API route but "
+        "POST /documents and DELETE /documents/{id} (403).",
+    )
+    open_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(OPERATIONS_PATHS),
+        description="Which of /healthz, /readyz, /metrics answer without a key when keys are set "
+        "(comma-separated; empty: none).",
+    )
+
+    # ---- logs ----
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line, with the request id; text: Python's default."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("artifact", mode="before")
     @classmethod
@@ -73,9 +114,52 @@ class Settings(BaseSettings):
         # GRERANK_ARTIFACT= (empty, as templates often leave it) means "no artifact", not the current folder.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_keys", "read_api_keys", "open_paths", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("api_keys", "read_api_keys")
+    @classmethod
+    def _check_digests(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if key.startswith(DIGEST_PREFIX) and not re.fullmatch(r"[0-9a-f]{64}", key[len(DIGEST_PREFIX) :]):
+                # Said without the value: a malformed entry may be a key pasted into the wrong place.
+                raise ValueError(f"a '{DIGEST_PREFIX}' key must be followed by 64 lowercase hex digits")
+        return keys
+
+    @field_validator("open_paths")
+    @classmethod
+    def _check_open_paths(cls, paths: list[str]) -> list[str]:
+        unknown = set(paths) - set(OPERATIONS_PATHS)
+        if unknown:
+            raise ValueError(f"only {', '.join(OPERATIONS_PATHS)} can be open, not {sorted(unknown)}")
+        return paths
+
+    @field_validator("stage_timeouts", mode="before")
+    @classmethod
+    def _parse_timeouts(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("expected 'stage=seconds,...', e.g. 'rerank=30,read=60'")
+            value = {name.strip(): seconds.strip() for name, seconds in pairs}
+        return value
+
+    @field_validator("stage_timeouts")
+    @classmethod
+    def _check_timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(DEFAULT_STAGE_TIMEOUTS)
+        if unknown:
+            stages = ", ".join(DEFAULT_STAGE_TIMEOUTS)
+            raise ValueError(f"unknown stages {sorted(unknown)}; the stages are {stages}")
+        if any(not seconds > 0 for seconds in value.values()):
+            raise ValueError("stage timeouts must be positive")
+        return {**DEFAULT_STAGE_TIMEOUTS, **value}

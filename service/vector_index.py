@@ -93,7 +93,7 @@ class VectorIndex:
                 "sha256": hashlib.sha256(payload).hexdigest(),
             }
         ).encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = _temporary(path, os.getpid())
         try:
             with tmp.open("wb") as fh:
                 fh.write(_MAGIC + struct.pack("<Q", len(head)) + head)
@@ -131,6 +131,34 @@ class VectorIndex:
         if len(loaded) != header.get("count") or index.d != loaded.dim:
             raise VectorIndexError(f"{path}: header does not match the index")
         return loaded, header
+
+
+def _temporary(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left beside ``path`` (a process killed mid-``save`` never
+    reaches its cleanup); those of a live process are kept. Returns the deleted paths."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(_temporary(path, "*").name):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
