@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.uvicorn_server import Server
+from tests.uvicorn_server import Server, tiny_env
 
 WRITE_KEY = "write-key-5f1d0c"
 HASHED_WRITE_KEY = "hashed-write-key-93ab7e"  # configured only as its sha256 digest
@@ -44,12 +44,7 @@ def server(
 ) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("hardening-api")
     env = {
-        "GRERANK_EMBEDDER": str(tiny_bert_dir),
-        "GRERANK_RERANKER": str(tiny_bert_dir),
-        "GRERANK_READER": str(tiny_llama_dir),
-        "GRERANK_INDEX_DIR": str(tmp / "index"),
-        "GRERANK_DEVICE": "cpu",
-        "GRERANK_PRECISION": "fp32",
+        **tiny_env(tiny_bert_dir, tiny_llama_dir, tmp / "index"),
         "GRERANK_API_KEYS": f"{WRITE_KEY},sha256:{hashlib.sha256(HASHED_WRITE_KEY.encode()).hexdigest()}",
         "GRERANK_READ_API_KEYS": READ_KEY,
         # Small limits keep every fuzzed request cheap; what is over them is a 400, which is checked too.

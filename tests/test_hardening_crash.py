@@ -20,8 +20,7 @@ import pytest
 from service.document_index import INDEX_FILE, STORE_FILE
 from service.document_store import DocumentStore
 from service.vector_index import VectorIndex
-from tests.test_service_lifecycle import tiny_env
-from tests.uvicorn_server import Server
+from tests.uvicorn_server import Server, tiny_env
 
 WRITERS = 4
 BATCH = 5  # documents per POST: one transaction, so all or none of them

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.uvicorn_server import Server
+from tests.uvicorn_server import Server, tiny_env
 
 MAX_QUEUE = 3
 CLIENTS = 12  # concurrent clients past capacity: four times what is admitted
@@ -37,12 +37,7 @@ def server(
 ) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("hardening-load")
     env = {
-        "GRERANK_EMBEDDER": str(tiny_bert_dir),
-        "GRERANK_RERANKER": str(tiny_bert_dir),
-        "GRERANK_READER": str(tiny_llama_dir),
-        "GRERANK_INDEX_DIR": str(tmp / "index"),
-        "GRERANK_DEVICE": "cpu",
-        "GRERANK_PRECISION": "fp32",
+        **tiny_env(tiny_bert_dir, tiny_llama_dir, tmp / "index"),
         "GRERANK_MAX_QUEUE": str(MAX_QUEUE),
         "GRERANK_RERANK_BATCH_SIZE": "4",  # several forward passes per request: each takes a while
         "GRERANK_READER_MAX_NEW_TOKENS": "4",

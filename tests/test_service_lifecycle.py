@@ -10,20 +10,7 @@ import httpx
 
 from grerank.artifact import write_artifact
 from grerank.reranker import build_reranker
-from tests.uvicorn_server import Server
-
-
-def tiny_env(tiny_bert_dir: Path, tiny_llama_dir: Path, index_dir: Path) -> dict[str, str]:
-    return {
-        "GRERANK_EMBEDDER": str(tiny_bert_dir),
-        "GRERANK_RERANKER": str(tiny_bert_dir),
-        "GRERANK_READER": str(tiny_llama_dir),
-        "GRERANK_INDEX_DIR": str(index_dir),
-        "GRERANK_DEVICE": "cpu",
-        "GRERANK_PRECISION": "fp32",
-        "GRERANK_READER_MAX_NEW_TOKENS": "4",
-    }
-
+from tests.uvicorn_server import Server, tiny_env
 
 DOCS = [
     {"id": f"d{i}", "title": f"Title {i}", "text": text, "metadata": {"i": i}}

@@ -85,3 +85,16 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def tiny_env(tiny_bert_dir: Path, tiny_llama_dir: Path, index_dir: Path) -> dict[str, str]:
+    """Environment for a service on the tiny test models (see conftest), CPU, fp32, short answers."""
+    return {
+        "GRERANK_EMBEDDER": str(tiny_bert_dir),
+        "GRERANK_RERANKER": str(tiny_bert_dir),
+        "GRERANK_READER": str(tiny_llama_dir),
+        "GRERANK_INDEX_DIR": str(index_dir),
+        "GRERANK_DEVICE": "cpu",
+        "GRERANK_PRECISION": "fp32",
+        "GRERANK_READER_MAX_NEW_TOKENS": "4",
+    }
