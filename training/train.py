@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from grerank import model_paths
-from grerank.artifact import write_artifact
+from grerank.artifact import sha256_file, write_artifact
 from grerank.gumbel_topk import hard_topk_mask, relaxed_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.readers import READER_FAMILIES, load_reader
@@ -234,10 +233,6 @@ def better(new: dict, best: dict | None, key: str) -> bool:
 # ---- main ------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_split(name: str, limit: int | None, n: int) -> list[Example]:
     examples = [ex for ex in load_examples(split_path(name), limit) if len(ex.passages) >= n]
     for ex in examples:
@@ -416,8 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "dtype": str(dtype),
             },
             data={
-                "train": {"path": str(split_path(args.train)), "sha256": file_sha256(split_path(args.train))},
-                "dev": {"path": str(split_path(args.dev)), "sha256": file_sha256(split_path(args.dev))},
+                "train": {"path": str(split_path(args.train)), "sha256": sha256_file(split_path(args.train))},
+                "dev": {"path": str(split_path(args.dev)), "sha256": sha256_file(split_path(args.dev))},
                 "train_questions": len(train),
                 "dev_questions": len(dev),
             },
