@@ -34,8 +34,9 @@ class Reader:
         **kwargs,
     ) -> Reader:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        # Eager attention adds the mask to the logits in plain autograd ops, so the DMA gradient is exact.
-        model = cls.auto_model.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        # SDPA takes the additive DMA mask as a float ``attn_mask`` and differentiates through it exactly;
+        # it encodes documents about a quarter faster than eager attention on CPU.
+        model = cls.auto_model.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), tokenizer, **kwargs)
 
     @property

@@ -37,7 +37,7 @@ from grerank.gumbel_topk import hard_topk_mask, relaxed_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.readers import READER_FAMILIES, load_reader
 from grerank.reranker import Reranker, build_reranker
-from grerank.runtime import PRECISIONS, resolve_device, resolve_dtype
+from grerank.runtime import PRECISIONS, peak_rss_gb, release_large_frees, resolve_device, resolve_dtype
 from training.doc_state_cache import DocStateCache
 from training.metrics import ranking_metrics
 
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--anchor-weight",
         type=float,
-        default=0.0,
+        default=1.0,
         help="weight of KL(starting reranker || trained reranker) over each question's candidates; keeps "
         "what the starting reranker knew (0 disables)",
     )
@@ -243,6 +243,7 @@ def load_split(name: str, limit: int | None, n: int) -> list[Example]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    release_large_frees()
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                 elapsed = time.perf_counter() - t_start
                 record(
                     {"type": "train", "epoch": epoch, "update": state["update"], "loss": loss.item(), **parts}
+                    | {"seconds": round(elapsed, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
                 )
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{state['examples'] / elapsed:.2f}")
                 if state["update"] % eval_every == 0:
@@ -428,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_seconds": round(state["train_seconds"], 1),
                 "examples_per_second": round(state["examples"] / max(state["train_seconds"], 1e-9), 3),
                 "doc_cache": not args.no_doc_cache,
+                "peak_rss_gb": round(peak_rss_gb(), 2),
             },
         )
         print(
