@@ -98,18 +98,24 @@ class DecoderReader(Reader):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _run(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, states: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Forward ``ids`` after past ``states`` [layers, 2, B, kvh, K, d]; returns (hidden, cache)."""
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        states: torch.Tensor | None,
+        output_attentions: bool = False,
+    ):
+        """Forward ``ids`` after past ``states`` [layers, 2, B, kvh, K, d] under the additive ``mask``
+        [B, T, K + T]; returns the base model's output (hidden states, cache, optionally attentions)."""
         past = DynamicCache() if states is None else DynamicCache(ddp_cache_data=[(k, v) for k, v in states])
-        out = self.model.base_model(
+        return self.model.base_model(
             input_ids=ids,
             attention_mask=to_additive(mask[:, None], self.dtype),
             position_ids=positions,
             past_key_values=past,
             use_cache=True,
+            output_attentions=output_attentions,
         )
-        return out.last_hidden_state, out.past_key_values
 
     @staticmethod
     def _cache_tensor(cache: DynamicCache, start: int) -> torch.Tensor:
@@ -130,9 +136,12 @@ class DecoderReader(Reader):
             ids = torch.tensor([self.prefix_ids], device=self.device)
             length = ids.shape[1]
             positions = torch.arange(length, device=self.device)[None]
-            _, cache = self._run(ids, causal_block(length, self.device)[None], positions, None)
+            cache = self._run(ids, causal_block(length, self.device)[None], positions, None).past_key_values
             self._prefix_states = self._cache_tensor(cache, 0)[:, :, 0]
         return self._prefix_states
+
+    def input_format(self) -> str:
+        return f"{self.prompt.prefix}|{self.prompt.document}|{self.max_document_tokens}"
 
     def document_ids(self, passage: Passage) -> list[int]:
         text = self.prompt.document.format(title=passage.title, text=passage.text)
@@ -162,7 +171,7 @@ class DecoderReader(Reader):
             ).expand(len(chunk), -1, -1)
             positions = (prefix_len + torch.arange(width, device=self.device)).expand(len(chunk), -1)
             past = prefix[:, :, None].expand(-1, -1, len(chunk), -1, -1, -1).contiguous()
-            _, cache = self._run(ids, mask, positions, past)
+            cache = self._run(ids, mask, positions, past).past_key_values
             doc_states = self._cache_tensor(cache, prefix_len)
             for row, (i, length) in enumerate(zip(chunk, lengths, strict=True)):
                 states[i] = doc_states[:, :, row, :, :length].clone()
@@ -185,17 +194,18 @@ class DecoderReader(Reader):
     def _question_ids(self, question: str) -> list[int]:
         return self._ids(self.prompt.question.format(question=question))[-self.max_question_tokens :]
 
-    def answer_log_likelihood(
+    def _answer_forward(
         self,
         questions: Sequence[str],
         answers: Sequence[str],
         doc_states: Sequence[Sequence[torch.Tensor]],
         mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of each answer given its documents under ``mask`` ``[B, n]``.
+        output_attentions: bool = False,
+    ):
+        """Run question + answer tokens over the documents under ``mask``.
 
-        Returns ``(sum of answer-token log-probs [B], number of answer tokens [B])``; differentiable in
-        ``mask``.
+        Returns ``(model output, token ids [B, T], answer targets [B, T - 1], key document index [B, K])``;
+        target ``t`` is True where position ``t`` predicts an answer token.
         """
         past, key_index, starts = self._layout(doc_states, mask)
         q_ids = [self._question_ids(q) for q in questions]
@@ -213,14 +223,53 @@ class DecoderReader(Reader):
             ],
             dim=2,
         )
-        hidden, _ = self._run(ids, attn, positions, past)
-        logits = self.model.get_output_embeddings()(hidden).float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        target = torch.zeros_like(logprobs, dtype=torch.bool)
+        out = self._run(ids, attn, positions, past, output_attentions)
+        target = torch.zeros(len(seqs), width - 1, dtype=torch.bool, device=self.device)
         for b, (q, a) in enumerate(zip(q_ids, a_ids, strict=True)):
             target[b, len(q) - 1 : len(q) + len(a) - 1] = True  # position t predicts token t + 1
-        total = (logprobs * target).sum(dim=1)
-        return total, target.sum(dim=1)
+        return out, ids, target, key_index
+
+    def answer_log_likelihood(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        doc_states: Sequence[Sequence[torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each answer given its documents under ``mask`` ``[B, n]``.
+
+        Returns ``(sum of answer-token log-probs [B], number of answer tokens [B])``; differentiable in
+        ``mask``.
+        """
+        out, ids, target, _ = self._answer_forward(questions, answers, doc_states, mask)
+        logits = self.model.get_output_embeddings()(out.last_hidden_state).float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        return (logprobs * target).sum(dim=1), target.sum(dim=1)
+
+    @torch.no_grad()
+    def document_attention(
+        self, questions: Sequence[str], answers: Sequence[str], doc_states: Sequence[Sequence[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Attention mass ``[B, n]`` the answer-predicting tokens give each document, with every document
+        visible: summed over the document's tokens, averaged over layers, heads and answer tokens (the
+        target of attention distillation, Izacard & Grave 2021)."""
+        n = max(len(row) for row in doc_states)
+        implementation = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")  # only eager attention returns its weights
+        try:
+            mask = torch.ones(len(questions), n, device=self.device)
+            out, _, target, key_index = self._answer_forward(
+                questions, answers, doc_states, mask, output_attentions=True
+            )
+        finally:
+            self.model.set_attn_implementation(implementation)
+        # [layers, B, heads, T, K_past + T] -> mean over layers and heads, keep past keys: [B, T, K_past]
+        weights = torch.stack(out.attentions).float().mean(dim=(0, 2))[:, :-1, : key_index.shape[1]]
+        bucket = torch.where(key_index >= 0, key_index, n)  # prefix and padding keys share a spare bucket
+        per_doc = weights.new_zeros(*weights.shape[:2], n + 1)
+        per_doc.scatter_add_(2, bucket[:, None].expand_as(weights), weights)
+        rows = target.float()
+        return (per_doc[..., :n] * rows[..., None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1)
 
     # ---- generation ---------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ class FiDReader(Reader):
 
     auto_model = AutoModelForSeq2SeqLM
     family = "fid"
+    states_depend_on_question = True
 
     def __init__(
         self,
@@ -55,6 +56,9 @@ class FiDReader(Reader):
         )
 
     # ---- documents: no gradients, computed once per (question, passage) -----------------------------------
+
+    def input_format(self) -> str:
+        return f"{FID_TEMPLATE}|{self.max_document_tokens}"
 
     def document_ids(self, passage: Passage, question: str) -> list[int]:
         text = FID_TEMPLATE.format(question=question, title=passage.title, text=passage.text)

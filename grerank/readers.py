@@ -21,6 +21,7 @@ READER_FAMILIES = ("auto", "decoder", "fid")
 class Reader:
     family: str
     auto_model: type  # the transformers Auto class that loads this family
+    states_depend_on_question = False  # FiD encodes (question, passage) pairs; decoder documents stand alone
 
     def __init__(self, model: torch.nn.Module, tokenizer, **limits) -> None:
         raise NotImplementedError
@@ -46,6 +47,27 @@ class Reader:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def state_signature(self) -> str:
+        """Everything a document's states depend on besides the document: weights, precision, input format.
+
+        Cached states (:mod:`grerank.doc_state_cache`) are keyed by it; the checksum of the input embeddings
+        tells apart two models saved to the same folder.
+        """
+        embeddings = self.model.get_input_embeddings().weight
+        return "|".join(
+            [
+                self.family,
+                str(getattr(self.model.config, "_name_or_path", "")),
+                str(self.dtype),
+                f"{embeddings.float().sum().item():.6e}",
+                self.input_format(),
+            ]
+        )
+
+    def input_format(self) -> str:
+        """The templates and limits that shape a document's tokens."""
+        raise NotImplementedError
 
     def encode_documents(
         self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 16

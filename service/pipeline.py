@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.passage import Passage
 from service.document_index import DocumentIndex, Hit
 from service.document_store import NewDocument, StoredDocument
 from service.metrics import Metrics
 from service.models import Models
-from service.reader_cache import ReaderStateCache
 from service.settings import Settings
 from service.stage_timeouts import StageClock, StageTimeout
 from service.truncation import TruncationPolicy
@@ -59,7 +59,10 @@ class Pipeline:
         self.index = index
         self.settings = settings
         self.metrics = metrics
-        self.reader_cache = ReaderStateCache(settings.reader_cache_mb * 2**20)
+        # One document per encoder call, so cached and freshly encoded states are bit-identical.
+        self.reader_cache = DocStateCache(
+            models.reader, settings.reader_cache_mb * 2**20, encode_batch_size=1
+        )
         self.truncation = TruncationPolicy(models.reranker, models.reader)
 
     def _clock(self, stage: str) -> StageClock:
@@ -179,15 +182,9 @@ class Pipeline:
         pieces: list[str] = []
         with self.metrics.stage("read", timings):
             clock = self._clock("read")
-
-            def encode(passages: list[Passage]) -> list[torch.Tensor]:
-                # One document per encoder call: a document's states never depend on what else is encoded.
-                states = reader.encode_documents(passages, batch_size=1)
-                clock.check()
-                return states
-
-            states = self.reader_cache.get_or_encode([s.document.passage() for s in selected], encode)
-            self.metrics.reader_cache_bytes.set(self.reader_cache.bytes)
+            passages = [s.document.passage() for s in selected]
+            states = self.reader_cache.states(passages, query, check=clock.check)
+            self.metrics.reader_cache_bytes.set(self.reader_cache.memory_bytes)
             for piece in reader.stream_answer(query, states, self.settings.reader_max_new_tokens):
                 if cancelled is not None and cancelled():
                     raise AnswerCancelled

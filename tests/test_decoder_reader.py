@@ -62,3 +62,19 @@ def test_generation_stops_within_budget(reader: DecoderReader) -> None:
     states = reader.encode_documents(PASSAGES)
     text = reader.generate("where?", states, max_new_tokens=5)
     assert isinstance(text, str) and len(reader._ids(text)) <= 6
+
+
+def test_document_attention_matches_uniform_attention_by_hand(copy_reader_dir) -> None:
+    # The copy reader's query and key projections are zero, so every visible key gets the same weight:
+    # a document's mass at query position t is len_i / (prefix + all documents + t + 1).
+    reader = DecoderReader.from_pretrained(copy_reader_dir)
+    states = reader.encode_documents(PASSAGES)
+    mass = reader.document_attention(["where does it flow?"], ["north"], [states])[0]
+    lengths = [s.shape[-2] for s in states]
+    q = reader._question_ids("where does it flow?")
+    a = reader._ids(reader.prompt.answer.format(answer="north"))
+    past = len(reader.prefix_ids) + sum(lengths)
+    rows = range(len(q) - 1, len(q) + len(a) - 1)  # the positions that predict answer tokens
+    expected = [sum(n / (past + t + 1) for t in rows) / len(rows) for n in lengths]
+    assert mass.tolist() == pytest.approx(expected, rel=1e-4)
+    assert reader.model.config._attn_implementation == "sdpa"  # switched back after reading the weights

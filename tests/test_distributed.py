@@ -32,6 +32,7 @@ def test_two_processes_learn_like_one(copy_reader_dir: Path, tiny_bert_dir: Path
         "--reader", str(copy_reader_dir),
         "--lr", "3e-3", "--epochs", "4", "--precision", "fp32", "--dev-reader-questions", "0",
         "--select-by", "answer_recall@1", "--device", "cpu", "--anchor-weight", "0",
+        "--state-cache-dir", str(tmp_path / "states"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(

@@ -13,7 +13,6 @@ from grerank.passage import Passage
 from service.document_index import INDEX_FILE, DocumentIndex
 from service.document_store import DocumentStore, NewDocument
 from service.models import UNTRAINED, load_reranker
-from service.reader_cache import ReaderStateCache
 from service.settings import Settings
 from service.vector_index import VectorIndex, VectorIndexError
 
@@ -112,25 +111,6 @@ def test_a_new_embedder_re_embeds_the_stored_documents(tmp_path: Path) -> None:
     assert changed.search(np.eye(4, dtype=np.float32)[2], 1)[0].document.id == "d2"
     changed.close()
     assert not DocumentIndex(tmp_path, 4, "embedder-b").needs_reembedding
-
-
-def test_reader_cache_encodes_each_passage_once_and_bounds_memory() -> None:
-    calls: list[str] = []
-
-    def encode(passages: list[Passage]) -> list[torch.Tensor]:
-        assert len(passages) == 1  # one document per call: states never depend on batch companions
-        calls.append(passages[0].text)
-        return [torch.zeros(250)]  # 1000 bytes
-
-    cache = ReaderStateCache(max_bytes=2500)
-    a, b, c = Passage("", "a"), Passage("", "b"), Passage("", "c")
-    cache.get_or_encode([a, b], encode)
-    cache.get_or_encode([a, b], encode)
-    assert calls == ["a", "b"] and cache.hits == 2
-    cache.get_or_encode([c], encode)  # evicts the least recently used: a
-    assert len(cache) == 2 and cache.bytes == 2000
-    cache.get_or_encode([b, a], encode)
-    assert calls == ["a", "b", "c", "a"]
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from grerank.decoder_reader import DecoderReader
+from grerank.doc_state_cache import DocStateCache
 from grerank.reranker import build_reranker
 from tests.synthetic_qa import synthetic_split
 from training import train as training
-from training.doc_state_cache import DocStateCache
 
 
 def test_copy_reader_prefers_the_answer_document(copy_reader_dir: Path, tmp_path: Path) -> None:
@@ -43,19 +43,19 @@ def test_gradients_reach_the_reranker_and_cache_changes_no_loss(
     args = training.parse_args(["--candidates", "4", "--k", "2", "--anchor-weight", "0"])
     losses = []
     for cache in (
-        DocStateCache(reader),
+        DocStateCache(reader, memory_bytes=1 << 30),
         None,
-        DocStateCache(reader, memory_budget_bytes=0, spill_dir=tmp_path),
+        DocStateCache(reader, memory_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30),
     ):
         reranker.zero_grad()
-        loss, _ = training.grerank_loss(
-            batch, reranker, reader, cache, args, torch.Generator().manual_seed(0), {}, None
+        loss, _ = training.batch_loss(
+            batch, reranker, reader, cache, args, torch.Generator().manual_seed(0), {}, {}, None
         )
         if cache is not None:  # a second pass reads what the first stored (memory, or disk past the budget)
-            loss, _ = training.grerank_loss(
-                batch, reranker, reader, cache, args, torch.Generator().manual_seed(0), {}, None
+            loss, _ = training.batch_loss(
+                batch, reranker, reader, cache, args, torch.Generator().manual_seed(0), {}, {}, None
             )
-            assert cache.hits == len(batch)
+            assert cache.hits + cache.disk_hits == 4 * len(batch)
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[2] == pytest.approx(losses[1], abs=1e-6)
@@ -75,7 +75,7 @@ def test_grerank_lifts_answer_recall_from_chance_to_near_one(
             "--reader", str(copy_reader_dir),
             "--tau", "0.5", "--kappa", "1", "--lr", "3e-3", "--epochs", "6", "--batch-size", "4",
             "--precision", "fp32", "--dev-reader-questions", "20", "--select-by", "answer_recall@1",
-            "--out", str(tmp_path / "run"),
+            "--out", str(tmp_path / "run"), "--state-cache-dir", str(tmp_path / "states"),
         ]
     )  # fmt: skip
     start = summary["start"]["summary"]["answer_recall@1"]
@@ -93,6 +93,7 @@ def test_resume_continues_from_the_checkpoint(
         "--train", str(data), "--dev", str(data), "--candidates", "4", "--k", "1",
         "--reranker", str(tiny_bert_dir), "--reader", str(copy_reader_dir), "--precision", "fp32",
         "--batch-size", "4", "--dev-reader-questions", "4", "--out", str(tmp_path / "run"),
+        "--state-cache-dir", str(tmp_path / "states"),
     ]  # fmt: skip
     first = training.main([*common, "--epochs", "1"])
     assert [h["update"] for h in first["history"] if h["type"] == "train"] == [1, 2]
@@ -101,3 +102,43 @@ def test_resume_continues_from_the_checkpoint(
     assert updates == [1, 2, 3, 4]  # the first epoch is not repeated
     manifest = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
     assert manifest["training"]["updates"] == 4
+
+
+@pytest.mark.parametrize("objective", ["pdist", "emdr", "supervised"])
+def test_baselines_learn_the_synthetic_task(
+    objective: str, copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    train_file = synthetic_split(tmp_path / "train.jsonl", 48, 4, seed=0)
+    dev_file = synthetic_split(tmp_path / "dev.jsonl", 40, 4, seed=99)
+    summary = training.main(
+        [
+            "--objective", objective, "--anchor-weight", "0",
+            "--train", str(train_file), "--dev", str(dev_file), "--candidates", "4",
+            "--reranker", str(tiny_bert_dir), "--reranker-arch", "cross-encoder",
+            "--reader", str(copy_reader_dir), "--kappa", "1", "--lr", "3e-3", "--epochs", "6",
+            "--precision", "fp32", "--dev-reader-questions", "0", "--select-by", "answer_recall@1",
+            "--out", str(tmp_path / "run"), "--state-cache-dir", str(tmp_path / "states"),
+        ]
+    )  # fmt: skip
+    assert summary["start"]["summary"]["answer_recall@1"] < 50
+    assert summary["best"]["summary"]["answer_recall@1"] >= 90
+
+
+def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_path: Path) -> None:
+    from grerank.qa_data import load_examples
+    from training.reader_signals import reader_signals
+
+    examples = load_examples(synthetic_split(tmp_path / "s.jsonl", 5, 4, seed=2))
+    cache = DocStateCache(DecoderReader.from_pretrained(copy_reader_dir), memory_bytes=1 << 30)
+    store = tmp_path / "signals.jsonl"
+    loglik = reader_signals(examples, cache, "loglik", store, progress=False)
+    attention = reader_signals(examples, cache, "attention", store, progress=False)
+    lines = store.read_text().count("\n")
+    assert (
+        lines == 10
+        and reader_signals(examples, cache, "loglik", store, progress=False).keys() == loglik.keys()
+    )
+    assert store.read_text().count("\n") == lines  # read back, not recomputed
+    for ex in examples:  # the copying reader: the answer is likeliest given the document that holds it
+        assert int(loglik[ex.id].argmax()) == ex.supporting.index(True)
+        assert attention[ex.id].shape == (4,) and 0 < float(attention[ex.id].sum()) <= 1

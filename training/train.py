@@ -10,7 +10,9 @@ One step, for a batch of questions with n candidates each (DESIGN.md section 2):
     backprop L into R only
 
 The reader's document states are constants (frozen reader, parallel-encoded documents), so they are
-computed once and cached (training.doc_state_cache); backprop runs only through question/answer tokens.
+computed once and cached (grerank.doc_state_cache, in memory and on disk across runs); backprop runs only
+through question/answer tokens. ``--objective`` swaps G-Rerank for a baseline (training.objectives) on the
+same data, loop and evaluation.
 
     python -m training.train --help
     torchrun --nproc_per_node=2 -m training.train ...     (DDP: gloo on CPU, nccl on GPU)
@@ -33,13 +35,15 @@ from tqdm.auto import tqdm
 
 from grerank import model_paths
 from grerank.artifact import sha256_file, write_artifact
-from grerank.gumbel_topk import hard_topk_mask, relaxed_topk_mask
+from grerank.doc_state_cache import DocStateCache
+from grerank.gumbel_topk import hard_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.readers import READER_FAMILIES, load_reader
 from grerank.reranker import Reranker, build_reranker
 from grerank.runtime import PRECISIONS, peak_rss_gb, release_large_frees, resolve_device, resolve_dtype
-from training.doc_state_cache import DocStateCache
+from training import objectives
 from training.metrics import ranking_metrics
+from training.reader_signals import reader_signals
 
 SELECT_BY = ("reader_nll", "answer_recall@1", "answer_mrr", "support_recall@2")
 
@@ -66,10 +70,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--reranker", default="default", help="starting weights: 'default' (MiniLM) or a folder")
     g.add_argument("--reader", default="default", help="'default' (SmolLM2-135M-Instruct) or a model folder")
     g.add_argument("--reader-family", choices=READER_FAMILIES, default="auto")
-    g = p.add_argument_group("G-Rerank")
+    g = p.add_argument_group("objective")
+    g.add_argument(
+        "--objective",
+        choices=objectives.OBJECTIVES,
+        default="grerank",
+        help="grerank, or a baseline: pdist, emdr, adist (distilled from the reader), supervised (labels)",
+    )
     g.add_argument("--k", type=int, default=2, help="documents the reader sees (soft draws per mask)")
     g.add_argument("--tau", type=float, default=0.5, help="Gumbel-softmax temperature")
-    g.add_argument("--kappa", type=float, default=10.0, help="scale applied to reranker scores in the mask")
+    g.add_argument(
+        "--kappa",
+        type=float,
+        default=10.0,
+        help="scale of reranker scores in the mask and in softmax(kappa*w)",
+    )
     g.add_argument(
         "--anchor-weight",
         type=float,
@@ -91,9 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision", choices=PRECISIONS, default="auto", help="reader weights and reranker autocast"
     )
     g.add_argument("--no-doc-cache", action="store_true", help="recompute document states every step (slow)")
+    g.add_argument("--cache-memory-gb", type=float, default=6.0, help="document states kept in RAM")
     g.add_argument(
-        "--cache-memory-gb", type=float, default=6.0, help="document states kept in RAM; rest on disk"
+        "--state-cache-dir",
+        default="runs/doc-states",
+        help="document states and reader signals on disk, shared by every run with the same reader",
     )
+    g.add_argument("--cache-disk-gb", type=float, default=40.0, help="disk budget of --state-cache-dir")
     g = p.add_argument_group("evaluation and output")
     g.add_argument(
         "--eval-every", type=int, default=0, help="updates between dev evaluations (0: each epoch)"
@@ -136,18 +155,11 @@ def candidate_texts(batch: list[Example]) -> list[list[str]]:
 
 def document_states(batch: list[Example], reader, cache: DocStateCache | None) -> list[list[torch.Tensor]]:
     if cache is not None:
-        return [cache.get(ex) for ex in batch]
+        return [cache.states(ex.passages, ex.question) for ex in batch]
     return [reader.encode_documents(ex.passages, question=ex.question) for ex in batch]
 
 
-def anchor_kl(scores: torch.Tensor, start_scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(p_start || p) between softmax distributions over each question's candidates."""
-    log_p = torch.log_softmax(scores / temperature, dim=-1)
-    log_start = torch.log_softmax(start_scores / temperature, dim=-1)
-    return (log_start.exp() * (log_start - log_p)).sum(-1).mean()
-
-
-def grerank_loss(
+def batch_loss(
     batch: list[Example],
     reranker: torch.nn.Module,
     reader,
@@ -155,20 +167,36 @@ def grerank_loss(
     args: argparse.Namespace,
     generator: torch.Generator,
     start_scores: dict[str, torch.Tensor],
+    signals: dict[str, torch.Tensor],
     autocast_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    states = document_states(batch, reader, cache)
+    """The ``--objective`` loss of one batch (plus the anchor term), and its parts for the log."""
     device = reader.device
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         scores = torch.stack(reranker([ex.question for ex in batch], candidate_texts(batch))).float()
-    mask = relaxed_topk_mask(scores, args.k, args.tau, args.kappa, generator)
-    nll = reader.answer_nll([ex.question for ex in batch], [ex.answer for ex in batch], states, mask).mean()
-    loss, parts = nll, {"nll": nll.item()}
+    if args.objective == "grerank":
+        questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
+        states = document_states(batch, reader, cache)
+        loss = objectives.grerank_nll(
+            scores, reader, questions, answers, states, args.k, args.tau, args.kappa, generator
+        )
+    elif args.objective == "supervised":
+        labels = torch.tensor([ex.supporting for ex in batch], device=scores.device)
+        loss = objectives.supervised_loss(scores, labels)
+    else:
+        target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
+        loss_fn = {
+            "pdist": objectives.pdist_loss,
+            "emdr": objectives.emdr_loss,
+            "adist": objectives.adist_loss,
+        }
+        loss = loss_fn[args.objective](scores, target, args.kappa)
+    parts = {args.objective: loss.item()}
     if args.anchor_weight > 0:
         start = torch.stack([start_scores[ex.id] for ex in batch]).to(scores.device)
-        kl = anchor_kl(scores, start, args.anchor_temperature)
+        kl = objectives.anchor_kl(scores, start, args.anchor_temperature)
         loss = loss + args.anchor_weight * kl
         parts["kl"] = kl.item()
     return loss, parts
@@ -210,7 +238,7 @@ def evaluate(
     reranker: Reranker,
     dev: list[Example],
     reader,
-    dev_cache: DocStateCache | None,
+    cache: DocStateCache | None,
     args: argparse.Namespace,
     bf16: bool,
 ) -> dict:
@@ -219,7 +247,7 @@ def evaluate(
     flat = {name: m["value"] for name, m in metrics["all"].items()}
     if args.dev_reader_questions > 0:
         m = args.dev_reader_questions
-        flat["reader_nll"] = reader_nll_at_k(dev[:m], scores[:m], reader, dev_cache, args.k)
+        flat["reader_nll"] = reader_nll_at_k(dev[:m], scores[:m], reader, cache, args.k)
     return {"summary": flat, "by_type": metrics}
 
 
@@ -268,9 +296,16 @@ def main(argv: list[str] | None = None) -> dict:
     reader_path = model_paths.resolve("reader", args.reader)
     reranker = build_reranker(args.reranker_arch, reranker_path).to(device)
     reader = load_reader(reader_path, args.reader_family, device, dtype)
-    spill = out / "doc-states"
-    cache = None if args.no_doc_cache else DocStateCache(reader, int(args.cache_memory_gb * (1 << 30)), spill)
-    dev_cache = DocStateCache(reader, int(args.cache_memory_gb * (1 << 30)) // 4, spill) if is_main else None
+    state_dir = Path(args.state_cache_dir)
+    cache = DocStateCache(
+        reader, int(args.cache_memory_gb * (1 << 30)), state_dir, int(args.cache_disk_gb * (1 << 30))
+    )
+    train_cache = None if args.no_doc_cache else cache
+
+    signals: dict[str, torch.Tensor] = {}
+    if args.objective in objectives.NEEDS_READER_SIGNALS:  # constants of training: computed once, on disk
+        kind = objectives.NEEDS_READER_SIGNALS[args.objective]
+        signals = reader_signals(shard, cache, kind, state_dir / "reader-signals.jsonl", is_main)
 
     start_scores: dict[str, torch.Tensor] = {}
     if args.anchor_weight > 0:  # the starting reranker's scores, fixed for the whole run
@@ -320,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval() -> None:
         nonlocal best_weights
         if is_main:
-            result = evaluate(reranker, dev, reader, dev_cache, args, bf16)
+            result = evaluate(reranker, dev, reader, cache, args, bf16)
             entry = {"type": "eval", "epoch": state["epoch"], "update": state["update"], **result["summary"]}
             record(entry)
             tqdm.write("dev " + " ".join(f"{k}={v:.3f}" for k, v in result["summary"].items()))
@@ -368,8 +403,16 @@ def main(argv: list[str] | None = None) -> dict:
             if step < state["step"]:
                 continue  # done before the checkpoint we resumed from
             batch = [shard[i] for i in order[start : start + args.batch_size]]
-            loss, parts = grerank_loss(
-                batch, model, reader, cache, args, generator, start_scores, dtype if bf16 else None
+            loss, parts = batch_loss(
+                batch,
+                model,
+                reader,
+                train_cache,
+                args,
+                generator,
+                start_scores,
+                signals,
+                dtype if bf16 else None,
             )
             (loss / args.grad_accum).backward()
             state["examples"] += len(batch) * world
@@ -438,9 +481,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         summary["artifact"] = str(artifact)
         log.close()
-    for c in (cache, dev_cache):
-        if c is not None:
-            c.close()
     if world > 1:
         dist.destroy_process_group()
     return summary

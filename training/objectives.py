@@ -1,0 +1,79 @@
+"""Training objectives for a reranker over each question's ``n`` candidates: G-Rerank and its baselines.
+
+Every objective takes the reranker's scores ``w`` ``[B, n]``. The reranker's distribution over candidates is
+``p_w = softmax(kappa * w)``, the same scaling the Gumbel mask uses, so ``--kappa`` means one thing for all.
+
+* ``grerank`` (DESIGN.md section 2): the reader's answer NLL under a relaxed top-k Gumbel mask of ``w``,
+  backpropagated through the reader's attention.
+* ``pdist`` (perplexity distillation, Izacard et al. 2022): ``KL(q || p_w)`` with
+  ``q = softmax(log P(a|q,d_i))``, the reader's answer likelihood given each candidate alone.
+* ``emdr`` (EMDR², Sachan et al. 2021): the candidates as a latent variable,
+  ``-log sum_i p_w(i) P(a|q,d_i)``.
+* ``adist`` (attention distillation, Izacard & Grave 2021): ``KL(q || p_w)`` with ``q`` the share of the
+  reader's attention each candidate receives from the answer tokens when it reads all of them.
+* ``supervised``: binary cross-entropy of ``w`` against the supporting-paragraph labels; an upper reference
+  that uses labels the other objectives never see.
+
+Plus the anchor ``KL(p_start || p_w)`` any objective can add, which keeps what the starting reranker knew.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grerank.gumbel_topk import relaxed_topk_mask
+
+OBJECTIVES = ("grerank", "pdist", "emdr", "adist", "supervised")
+# Objectives whose targets are the frozen reader's per-candidate signals, computed once before training.
+NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "adist": "attention"}
+
+
+def _log_p(scores: torch.Tensor, kappa: float) -> torch.Tensor:
+    return torch.log_softmax(kappa * scores, dim=-1)
+
+
+def grerank_nll(
+    scores: torch.Tensor,
+    reader,
+    questions: list[str],
+    answers: list[str],
+    states: list[list[torch.Tensor]],
+    k: int,
+    tau: float,
+    kappa: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    mask = relaxed_topk_mask(scores, k, tau, kappa, generator)
+    return reader.answer_nll(questions, answers, states, mask).mean()
+
+
+def kl_to_target(scores: torch.Tensor, target_log_q: torch.Tensor, kappa: float) -> torch.Tensor:
+    """``KL(q || p_w)`` per question, averaged; ``target_log_q`` are unnormalised log-weights."""
+    log_q = torch.log_softmax(target_log_q.float(), dim=-1)
+    return (log_q.exp() * (log_q - _log_p(scores, kappa))).sum(-1).mean()
+
+
+def pdist_loss(scores: torch.Tensor, answer_loglik: torch.Tensor, kappa: float) -> torch.Tensor:
+    return kl_to_target(scores, answer_loglik, kappa)
+
+
+def emdr_loss(scores: torch.Tensor, answer_loglik: torch.Tensor, kappa: float) -> torch.Tensor:
+    return -torch.logsumexp(_log_p(scores, kappa) + answer_loglik.float(), dim=-1).mean()
+
+
+def adist_loss(scores: torch.Tensor, attention_mass: torch.Tensor, kappa: float) -> torch.Tensor:
+    return kl_to_target(scores, attention_mass.float().clamp_min(1e-9).log(), kappa)
+
+
+def supervised_loss(scores: torch.Tensor, supporting: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(scores.float(), supporting.float())
+
+
+def anchor_kl(scores: torch.Tensor, start_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_start || p) between softmax distributions over each question's candidates."""
+    log_p = torch.log_softmax(scores / temperature, dim=-1)
+    log_start = torch.log_softmax(start_scores / temperature, dim=-1)
+    return (log_start.exp() * (log_start - log_p)).sum(-1).mean()
+
+
+DISTILLATION = {"pdist": pdist_loss, "emdr": emdr_loss, "adist": adist_loss}

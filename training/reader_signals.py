@@ -1,0 +1,73 @@
+"""The frozen reader's per-candidate signals that the distillation baselines learn from.
+
+* ``loglik``: ``log P(answer | question, d_i)`` with the reader given candidate ``i`` alone (PDist, EMDR);
+* ``attention``: the share of attention the answer tokens give candidate ``i`` when the reader reads all
+  of them (ADist).
+
+The reader is frozen, so these are constants: computed once per example and kept in a JSON-lines file
+keyed by the reader's state signature and the example's content, shared by every run and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from grerank.doc_state_cache import DocStateCache
+from grerank.qa_data import Example
+
+SIGNALS = ("loglik", "attention")
+
+
+def _key(signature: str, example: Example) -> str:
+    text = "\0".join([signature, example.question, example.answer, *(p.as_text() for p in example.passages)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def one_example(reader, states: list[torch.Tensor], example: Example, kind: str) -> list[float]:
+    n = len(states)
+    if kind == "loglik":
+        total, _ = reader.answer_log_likelihood(
+            [example.question] * n, [example.answer] * n, [states] * n, torch.eye(n)
+        )
+        return total.float().tolist()
+    if kind == "attention":
+        if not hasattr(reader, "document_attention"):
+            raise ValueError(f"attention distillation needs a decoder reader, not {reader.family!r}")
+        return reader.document_attention([example.question], [example.answer], [states])[0].tolist()
+    raise ValueError(f"unknown reader signal {kind!r}; expected one of {SIGNALS}")
+
+
+def reader_signals(
+    examples: list[Example], cache: DocStateCache, kind: str, store: Path | None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """``{example id: signal [n]}``, reading what ``store`` already holds and appending what it lacks."""
+    signature = cache.reader.state_signature()
+    known: dict[str, list[float]] = {}
+    if store is not None and store.is_file():
+        for line in store.read_text().splitlines():
+            row = json.loads(line)
+            if row["kind"] == kind:
+                known[row["key"]] = row["values"]
+    out: dict[str, torch.Tensor] = {}
+    todo = [ex for ex in examples if _key(signature, ex) not in known]
+    handle = None
+    if todo and store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        handle = store.open("a")
+    for example in tqdm(todo, desc=f"reader {kind}", unit="q", disable=not progress):
+        values = one_example(cache.reader, cache.states(example.passages, example.question), example, kind)
+        known[_key(signature, example)] = values
+        if handle is not None:
+            handle.write(json.dumps({"key": _key(signature, example), "kind": kind, "values": values}) + "\n")
+            handle.flush()
+    if handle is not None:
+        handle.close()
+    for example in examples:
+        out[example.id] = torch.tensor(known[_key(signature, example)])
+    return out
