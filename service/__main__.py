@@ -9,8 +9,6 @@ import sys
 
 import uvicorn
 
-from grerank.runtime import release_large_frees
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -26,7 +24,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    release_large_frees()  # the reader-state cache holds many multi-MB tensors
     # On SIGTERM uvicorn stops accepting, drains in-flight requests, runs the app's shutdown, then re-raises
     # the signal to the handler installed before it started: exiting 0 there makes a drained stop clean.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -37,7 +37,7 @@ from grerank.gumbel_topk import hard_topk
 from grerank.qa_data import Example, split_path
 from grerank.readers import READER_FAMILIES, Reader, load_reader
 from grerank.reranker import Reranker, build_reranker
-from grerank.runtime import PRECISIONS, release_large_frees, resolve_device, resolve_dtype
+from grerank.runtime import PRECISIONS, resolve_device, resolve_dtype
 from training.bm25 import BM25
 from training.metrics import exact_match, f1_score, ranking_metrics
 from training.train import load_split, score_all
@@ -105,7 +105,7 @@ def scores_for(scorer: Reranker | str, examples: list[Example], bf16: bool) -> l
     if scorer == "bm25":
         bm25 = BM25(p.as_text() for ex in examples for p in ex.passages)
         return [bm25.scores(ex.question, [p.as_text() for p in ex.passages]) for ex in examples]
-    return score_all(scorer, examples, bf16, progress=True)
+    return score_all(scorer, examples, bf16)
 
 
 # ---- answers ---------------------------------------------------------------------------------------------
@@ -174,7 +174,6 @@ def answer_metrics(
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    release_large_frees()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     examples = load_split(args.split, args.limit, args.n)

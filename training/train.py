@@ -40,7 +40,7 @@ from grerank.gumbel_topk import hard_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.readers import READER_FAMILIES, load_reader
 from grerank.reranker import Reranker, build_reranker
-from grerank.runtime import PRECISIONS, peak_rss_gb, release_large_frees, resolve_device, resolve_dtype
+from grerank.runtime import PRECISIONS, peak_rss_gb, resolve_device, resolve_dtype, return_free_memory
 from training import objectives
 from training.metrics import ranking_metrics
 from training.reader_signals import reader_signals
@@ -206,13 +206,16 @@ def batch_loss(
 
 
 @torch.no_grad()
-def score_all(
-    reranker: Reranker, examples: list[Example], bf16: bool, progress: bool = False
-) -> list[list[float]]:
-    return [
-        reranker.predict(ex.question, [p.as_text() for p in ex.passages], bf16=bf16).tolist()
-        for ex in tqdm(examples, desc="scoring", unit="q", disable=not progress, leave=False)
-    ]
+def score_all(reranker: Reranker, examples: list[Example], bf16: bool, chunk: int = 64) -> list[list[float]]:
+    """Scores of every example's candidates, ``chunk`` questions per call (with a progress bar)."""
+    scores: list[list[float]] = []
+    for start in tqdm(range(0, len(examples), chunk), desc="scoring", unit="chunk", leave=False):
+        batch = examples[start : start + chunk]
+        scores += [
+            s.tolist()
+            for s in reranker.predict_many([ex.question for ex in batch], candidate_texts(batch), bf16)
+        ]
+    return scores
 
 
 @torch.no_grad()
@@ -242,7 +245,7 @@ def evaluate(
     args: argparse.Namespace,
     bf16: bool,
 ) -> dict:
-    scores = score_all(reranker, dev, bf16, progress=True)
+    scores = score_all(reranker, dev, bf16)
     metrics = ranking_metrics(dev, scores)
     flat = {name: m["value"] for name, m in metrics["all"].items()}
     if args.dev_reader_questions > 0:
@@ -271,7 +274,6 @@ def load_split(name: str, limit: int | None, n: int) -> list[Example]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    release_large_frees()
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -310,8 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_scores: dict[str, torch.Tensor] = {}
     if args.anchor_weight > 0:  # the starting reranker's scores, fixed for the whole run
         start_scores = {
-            ex.id: torch.tensor(s)
-            for ex, s in zip(shard, score_all(reranker, shard, bf16, is_main), strict=True)
+            ex.id: torch.tensor(s) for ex, s in zip(shard, score_all(reranker, shard, bf16), strict=True)
         }
 
     model = reranker
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+                return_free_memory()
                 state["update"] += 1
                 state["step"] = step + 1
                 elapsed = time.perf_counter() - t_start
