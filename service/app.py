@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service import logs
 from service.admission import AdmissionMiddleware
 from service.api_keys import Access, KeyRing, without_plain_keys
+from service.batching_queue import BatchingQueue, QueueClosed, QueueFull
 from service.document_store import NewDocument, content_id
 from service.http_middleware import (
     BodySizeLimitMiddleware,
@@ -119,6 +120,12 @@ def ready_pipeline(request: Request) -> Pipeline:
 ReadyPipeline = Annotated[Pipeline, Depends(ready_pipeline)]
 
 
+def rerank_queue(request: Request, pipeline: ReadyPipeline) -> BatchingQueue:
+    queue = _runtime(request).rerank_queue
+    assert queue is not None  # set before the pipeline
+    return queue
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
@@ -171,6 +178,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         return Response(_validation_body(exc.errors()), status_code=422, media_type="application/json")
 
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(QueueClosed)
+    async def queue_closed(request: Request, exc: QueueClosed) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(StageTimeout)
     async def timed_out(request: Request, exc: StageTimeout) -> JSONResponse:
         runtime.metrics.stage_timeouts.labels(exc.stage).inc()
@@ -209,6 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out["default_top_k"] = pipeline.default_top_k
             out["index"] = {"path": str(pipeline.index.folder), "documents": len(pipeline.index)}
             out["truncation"] = pipeline.truncation.describe()
+            out["rerank_batching"] = pipeline.rerank_backend.describe()
         else:
             out["configured"] = {
                 "embedder": settings.embedder,
@@ -224,17 +240,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "default_candidates": settings.default_candidates,
             "max_request_bytes": settings.max_request_bytes,
             "max_queue": settings.max_queue,
+            "max_batch_tokens": settings.max_batch_tokens,
+            "rerank_batch_size": settings.rerank_batch_size,
             "stage_timeouts": settings.stage_timeouts,
         }
         return out
 
     # ---- rerank: the Cohere / Jina request and response shape ----
 
-    async def rerank(request: RerankRequest, pipeline: ReadyPipeline) -> RerankResponse:
+    async def rerank(
+        request: RerankRequest,
+        pipeline: ReadyPipeline,
+        queue: Annotated[BatchingQueue, Depends(rerank_queue)],
+    ) -> RerankResponse:
         check_rerank(request, settings)
         texts = request.texts()
         timings: dict[str, float] = {}
-        scores, truncation = await runtime.worker.run(pipeline.rerank_request, request.query, texts, timings)
+        scores, truncation = await queue.rerank(request.query, texts, timings)
         results = []
         for i in pipeline.order(scores, request.top_n):
             raw = float(scores[i])

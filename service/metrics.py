@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 class Metrics:
@@ -46,8 +47,24 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_tokens = Histogram(
+            "grerank_batch_tokens",
+            "Tokens per model forward pass (texts x padded width), by stage.",
+            ["stage"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "grerank_forward_seconds",
+            "Duration of one model forward pass, by stage; its sum is the time the model was busy.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "grerank_queue_depth", "Model jobs waiting or running on the model worker.", registry=r
+            "grerank_queue_depth",
+            "Model work waiting or running: jobs of the model worker and requests in the rerank queue.",
+            registry=r,
         )
         self.admitted_requests = Gauge(
             "grerank_admitted_requests",
@@ -85,10 +102,13 @@ class Metrics:
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            self.stage_seconds.labels(name).observe(elapsed)
-            if timings_ms is not None:
-                timings_ms[name] = round(timings_ms.get(name, 0.0) + elapsed * 1000, 3)
+            self.observe_stage(name, time.perf_counter() - start, timings_ms)
+
+    def observe_stage(self, name: str, seconds: float, timings_ms: dict[str, float] | None = None) -> None:
+        """Record a stage timed elsewhere, like :meth:`stage` does."""
+        self.stage_seconds.labels(name).observe(seconds)
+        if timings_ms is not None:
+            timings_ms[name] = round(timings_ms.get(name, 0.0) + seconds * 1000, 3)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,8 @@
 """One thread that runs all model and index work, one job at a time, off the event loop.
 
-Serialising the jobs is what makes results independent of concurrent traffic: each request's documents are
-scored as their own batches, on a model nobody else is using at that moment, so the numbers are the same
-as when the request is served alone. (Cross-request batching would change that and is deliberately absent.)
+Serialising the jobs keeps the models free of concurrent use and the CPU free of oversubscription. Rerank
+work of concurrent requests is batched by :mod:`service.batching_queue`, which runs here one forward pass per
+job and then queues again behind whatever else is waiting, so an ``/answer`` still gets its turn.
 """
 
 from __future__ import annotations
@@ -30,18 +30,21 @@ class ModelWorker:
     def pending(self) -> int:
         return self._pending
 
-    def _count(self, delta: int) -> None:
+    def track(self, delta: int) -> None:
+        """Count ``delta`` more units of model work waiting or running (the ``grerank_queue_depth`` gauge)."""
         with self._lock:
             self._pending += delta
             self._metrics.queue_depth.set(self._pending)
 
-    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
-        """Queue ``fn(*args)``; the queue depth counts it until it has finished, even if nobody waits.
+    def submit(self, fn: Callable[..., T], *args: object, counted: bool = True) -> Future[T]:
+        """Queue ``fn(*args)``; the queue depth counts it until it has finished, even if nobody waits (unless
+        not ``counted``: the rerank queue counts its requests, not its turns).
 
         It runs in a copy of the caller's context, so what it logs carries the caller's request id."""
-        self._count(1)
         future = self._executor.submit(contextvars.copy_context().run, fn, *args)
-        future.add_done_callback(lambda _: self._count(-1))
+        if counted:
+            self.track(1)
+            future.add_done_callback(lambda _: self.track(-1))
         return future
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:

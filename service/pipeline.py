@@ -23,10 +23,13 @@ import torch
 from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.passage import Passage
+from grerank.runtime import resolve_dtype
+from service.batching_queue import rerank_inline
 from service.document_index import DocumentIndex, Hit
 from service.document_store import NewDocument, StoredDocument
 from service.metrics import Metrics
 from service.models import Models
+from service.rerank_backend import RerankBackend
 from service.settings import Settings
 from service.stage_timeouts import StageClock, StageTimeout
 from service.truncation import TruncationPolicy
@@ -64,6 +67,8 @@ class Pipeline:
             models.reader, settings.reader_cache_mb * 2**20, encode_batch_size=1
         )
         self.truncation = TruncationPolicy(models.reranker, models.reader)
+        # bf16 on CPUs with AVX512-BF16/AMX, bf16 or fp16 on a GPU (GRERANK_PRECISION), fp32 otherwise.
+        self.rerank_backend = RerankBackend(models.reranker, resolve_dtype(settings.precision, models.device))
 
     def _clock(self, stage: str) -> StageClock:
         return StageClock(stage, self.settings.stage_timeouts[stage])
@@ -95,26 +100,18 @@ class Pipeline:
     def rerank(
         self, query: str, texts: Sequence[str], timings_ms: dict[str, float] | None = None
     ) -> torch.Tensor:
-        """Scores ``[n]`` in input order. Fixed-size chunks of this request only, so a request's scores
-        depend on nothing but the request."""
-        size = self.settings.rerank_batch_size
-        query = self.truncation.fit_query(query)
-        scores = []
+        """Scores ``[n]`` in input order, on this thread (``/answer``: its job holds the worker). The same
+        bits as ``/rerank`` gets through the batching queue (:mod:`service.batching_queue`)."""
         with self.metrics.stage("rerank", timings_ms):
-            clock = self._clock("rerank")
-            for start in range(0, len(texts), size):
-                chunk = list(texts[start : start + size])
-                self.metrics.batch_size.labels("rerank").observe(len(chunk))
-                scores.append(self.models.reranker.predict(query, chunk, bf16=self.models.bf16))
-                clock.check()
-        return torch.cat(scores) if scores else torch.zeros(0)
-
-    def rerank_request(
-        self, query: str, texts: Sequence[str], timings_ms: dict[str, float] | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``/rerank``: the scores, and what of the request the reranker did not read (``meta.truncation``).
-        On the worker thread, like the scoring: tokenizers must not be shared between threads."""
-        return self.rerank(query, texts, timings_ms), self.truncation.report(query, texts)
+            return rerank_inline(
+                self.rerank_backend,
+                self.truncation.fit_query(query),
+                texts,
+                self.settings.max_batch_tokens,
+                self.settings.rerank_batch_size,
+                self.metrics,
+                self._clock("rerank").check,
+            )
 
     @staticmethod
     def order(scores: torch.Tensor, k: int | None = None) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from service.batching_queue import BatchingQueue
 from service.document_index import DocumentIndex
 from service.metrics import Metrics
 from service.model_worker import ModelWorker
@@ -28,6 +29,7 @@ class Runtime:
         self.metrics = Metrics()
         self.worker = ModelWorker(self.metrics)
         self.pipeline: Pipeline | None = None
+        self.rerank_queue: BatchingQueue | None = None  # set together with the pipeline
         self.error: str | None = None
         self.components = dict.fromkeys(COMPONENTS, "pending")
 
@@ -72,6 +74,16 @@ class Runtime:
                     "precision": info["precision"],
                 }
             )
+            self.rerank_queue = BatchingQueue(
+                pipeline.rerank_backend,
+                pipeline.truncation,
+                self.worker,
+                self.metrics,
+                max_tokens=self.settings.max_batch_tokens,
+                max_rows=self.settings.rerank_batch_size,
+                capacity=self.settings.max_queue,
+                timeout=self.settings.stage_timeouts["rerank"],
+            )
             self.pipeline = pipeline
             self.metrics.ready.set(1)
             log.info("ready: %d documents indexed, reranker: %s", len(index), info["reranker"]["status"])
@@ -96,6 +108,10 @@ class Runtime:
         return out
 
     def close(self) -> None:
+        if self.rerank_queue is not None:
+            self.rerank_queue.close()
         self.worker.shutdown()
+        if self.rerank_queue is not None:  # the worker is gone: whatever it had not served fails, 503
+            self.rerank_queue.abandon()
         if self.pipeline is not None:
             self.pipeline.index.close()

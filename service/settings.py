@@ -64,7 +64,17 @@ class Settings(BaseSettings):
     default_top_k: int = Field(3, ge=1, description="top_k when neither the request nor an artifact sets it.")
 
     # ---- model work ----
-    rerank_batch_size: int = Field(32, ge=1, description="Documents per reranker forward pass.")
+    rerank_batch_size: int = Field(
+        64,
+        ge=1,
+        description="Texts per reranker forward pass at most; GRERANK_MAX_BATCH_TOKENS usually binds first.",
+    )
+    max_batch_tokens: int = Field(
+        8192,
+        ge=256,
+        description="Tokens (texts x padded width) per reranker forward pass; the rerank work of concurrent "
+        "requests shares passes up to it. Larger: more throughput, a longer wait for other model work.",
+    )
     embed_batch_size: int = Field(32, ge=1, description="Texts per embedder forward pass when indexing.")
     reader_max_new_tokens: int = Field(32, ge=1, le=512)
     reader_cache_mb: int = Field(512, ge=0, description="Memory for cached per-document reader states.")

@@ -339,30 +339,45 @@ def test_answer_and_its_stream(client: httpx.Client, indexed: list[dict]) -> Non
 
 
 def test_results_do_not_depend_on_concurrent_requests(client: httpx.Client, indexed: list[dict]) -> None:
-    target = {"query": QUERY, "documents": texts_of(indexed, 30, 3) + ["short", "a bit longer text here"]}
+    """Concurrent /rerank requests share forward passes (the batching queue); each still gets exactly the
+    scores it gets alone, and so does /answer, which reranks inline between those passes."""
+    raw = {"raw_scores": True}
+    targets = [
+        {"query": QUERY, "documents": texts_of(indexed, 30, 3) + ["short", "a bit longer text here"], **raw},
+        {"query": "x", "documents": ["one", *texts_of(indexed, 5, 20)], **raw},
+        {"query": "long " * 50, "documents": [d[:50] for d in texts_of(indexed, 7, 11)]},
+    ]
     answer_body = {"query": "Where did the band first perform?", "candidates": 15, "top_k": 3}
-    alone = client.post("/rerank", json=target).json()["results"]
+    alone = [client.post("/rerank", json=target).json()["results"] for target in targets]
     answer_alone = client.post("/answer", json=answer_body).json()
     others = [
-        {"query": "x", "documents": ["one"]},
         {"query": QUERY[:20], "documents": texts_of(indexed, 60)},
-        {"query": "long " * 50, "documents": [d[:50] for d in texts_of(indexed, 7, 11)]},
-        {"query": QUERY, "documents": texts_of(indexed, 31, 3)},  # almost the target, one more document
+        {"query": QUERY, "documents": texts_of(indexed, 31, 3)},  # almost the first target, one more document
+        {"query": "y", "documents": ["two"]},
     ]
     jobs = []
     for i in range(6):
-        jobs += [("/rerank", target), ("/rerank", others[i % len(others)])]
+        jobs += [("/rerank", targets[i % len(targets)]), ("/rerank", others[i % len(others)])]
     jobs += [("/answer", answer_body), ("/answer", {**answer_body, "query": "another question"})]
+    passes_before = metric_value(client, "grerank_forward_seconds_count")
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda job: client.post(job[0], json=job[1]), jobs))
     assert all(r.status_code == 200 for r in responses)
     for (_, body), response in zip(jobs, responses, strict=True):
-        if body is target:
-            assert response.json()["results"] == alone  # identical scores and order, bit for bit
+        for target, results in zip(targets, alone, strict=True):
+            if body is target:
+                assert response.json()["results"] == results  # identical scores and order, bit for bit
         if body is answer_body:
             concurrent = response.json()
             assert concurrent["answer"] == answer_alone["answer"]
             assert concurrent["citations"] == answer_alone["citations"]
+    assert metric_value(client, "grerank_forward_seconds_count") > passes_before  # passes were counted
+
+
+def metric_value(client: httpx.Client, name: str) -> float:
+    """Sum of a metric's samples (over all label sets)."""
+    samples = [line.split()[-1] for line in client.get("/metrics").text.splitlines() if line.startswith(name)]
+    return sum(float(v) for v in samples)
 
 
 # ---- metrics (last: it reads the counters the tests above produced) ----

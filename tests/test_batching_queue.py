@@ -1,0 +1,294 @@
+"""The rerank batching queue: a request's scores are the same bits alone and batched with others, passes
+respect the token budget and hold sequences of one width, the queue is bounded (429), a request's own error
+reaches that request only (4xx), a stage over its limit is a 504, and other model work still gets its turn."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from grerank import model_paths, qa_data
+from grerank.reranker import build_reranker
+from service.batching_queue import BatchingQueue, PassPlanner, QueueFull, RerankJob, rerank_inline
+from service.metrics import Metrics
+from service.model_worker import ModelWorker
+from service.request_limits import RequestRejected
+from service.rerank_backend import ROWS_PER_BLOCK, WIDTH_STEP, Encoded, RerankBackend
+from service.stage_timeouts import StageTimeout
+from service.truncation import TruncationPolicy
+from tests.test_hardening_faults import serving, settings_for
+
+MAX_TOKENS, MAX_ROWS = 512, 16
+
+
+def corpus_texts(n: int, seed: int = 0) -> list[str]:
+    """Real HotpotQA paragraphs of mixed lengths (some past the reranker's 256 tokens), and two tiny texts."""
+    passages = [p.as_text() for p in qa_data.corpus()[:400]]
+    rng = random.Random(seed)
+    return rng.sample(passages, n - 2) + ["x", "a short one " * 3]
+
+
+REQUESTS = [
+    ("Which band released the album and where did they first perform?", corpus_texts(20, 0)),
+    ("x", corpus_texts(5, 1)),
+    ("long question " * 60, corpus_texts(13, 2)),  # longer than a cross-encoder's query budget
+    ("Who founded it?", corpus_texts(31, 3)),
+]
+
+
+@dataclass
+class Served:
+    backend: RerankBackend
+    truncation: TruncationPolicy
+    metrics: Metrics
+    worker: ModelWorker
+    queue: BatchingQueue
+    passes: list[list[Encoded]]  # every forward pass, as run
+
+
+@contextmanager
+def queue_for(reranker: torch.nn.Module, dtype: torch.dtype, **limits: float) -> Iterator[Served]:
+    """A queue on its own model worker; every forward pass is recorded."""
+    backend = RerankBackend(reranker, dtype)
+    truncation = TruncationPolicy(reranker, reader=None)
+    metrics = Metrics()
+    worker = ModelWorker(metrics)
+    passes: list[list[Encoded]] = []
+    forward = backend.forward
+
+    def recorded(sequences: list[Encoded]) -> torch.Tensor:
+        passes.append(list(sequences))
+        return forward(sequences)
+
+    backend.forward = recorded  # type: ignore[method-assign]
+    options = {"max_tokens": MAX_TOKENS, "max_rows": MAX_ROWS, "capacity": 32, "timeout": 60.0, **limits}
+    queue = BatchingQueue(backend, truncation, worker, metrics, **options)  # type: ignore[arg-type]
+    try:
+        yield Served(backend, truncation, metrics, worker, queue, passes)
+    finally:
+        worker.shutdown()
+
+
+@contextmanager
+def worker_held(worker: ModelWorker) -> Iterator[None]:
+    """The worker is busy with another job until the block ends, so what is submitted meanwhile waits."""
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def alone(served: Served, query: str, texts: list[str]) -> torch.Tensor:
+    """Scores as /answer computes them: inline, the request on its own."""
+    query = served.truncation.fit_query(query)
+    return rerank_inline(served.backend, query, texts, MAX_TOKENS, MAX_ROWS, served.metrics)
+
+
+# ---- determinism ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", ["bi-encoder", "cross-encoder"])
+def test_scores_are_the_same_bits_alone_and_batched_across_requests(
+    tiny_bert_dir: Path, architecture: str, dtype: torch.dtype
+) -> None:
+    reranker = build_reranker(architecture, tiny_bert_dir).eval()
+    with queue_for(reranker, dtype) as served:
+        expected = [alone(served, q, t) for q, t in REQUESTS]
+        passes_alone = len(served.passes)
+        served.passes.clear()
+        with worker_held(served.worker):  # all arrive before the first turn: they share passes
+            futures = [served.queue.submit(q, t) for q, t in REQUESTS * 2]
+        results = [f.result(timeout=120) for f in futures]
+    assert len(served.passes) < 2 * passes_alone  # batched across requests, not request by request
+    for (scores, _), reference in zip(results, expected * 2, strict=True):
+        assert torch.equal(scores, reference)
+    # And they are the reranker's own scores, within rounding (fp32) or bf16's precision.
+    for (query, texts), (scores, _) in zip(REQUESTS, results, strict=False):
+        with torch.no_grad():
+            direct = reranker([served.truncation.fit_query(query)], [texts])[0]
+        assert torch.allclose(scores, direct, atol=1e-5 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [16, 128])
+def test_default_minilm_outputs_do_not_depend_on_pass_companions(dtype: torch.dtype, width: int) -> None:
+    """With the default MiniLM, where plain batching changes bits (a 16-token sequence alone makes 128-row
+    GEMMs, in a full pass 1024-row ones, and MKL and oneDNN round those differently), the blocked backend
+    does not."""
+    reranker = build_reranker("bi-encoder", model_paths.resolve("reranker"))
+    backend = RerankBackend(reranker, dtype)
+    rng = random.Random(0)
+    # Real text cut to lengths of one width, with and without padding.
+    long = [s.ids for s in backend.encode("q", corpus_texts(200)) if len(s.ids) >= width]
+    sequences = [Encoded(ids[: rng.randint(width - WIDTH_STEP, width - 1)] + ids[-1:]) for ids in long]
+    assert len(sequences) >= 40 and {backend.width(s) for s in sequences} == {width}
+    reference = {i: backend.forward([sequences[i]])[0] for i in range(6)}
+    for size in (2, 9, 40, len(sequences)):
+        chosen = rng.sample(range(len(sequences)), size)
+        chosen[rng.randrange(size)] = rng.randrange(6)
+        out = backend.forward([sequences[i] for i in chosen])
+        for row, i in enumerate(chosen):
+            if i in reference:
+                assert torch.equal(out[row], reference[i]), (size, row)
+
+
+# ---- pass planning ----
+
+
+def test_passes_respect_the_token_budget_and_hold_one_width() -> None:
+    rng = random.Random(0)
+    planner = PassPlanner(max_tokens=256, max_rows=5)
+    jobs = []
+    for _ in range(6):
+        job = RerankJob()
+        job.start([Encoded([0] * rng.randint(1, 300)) for _ in range(rng.randint(1, 30))])
+        planner.add(job)
+        jobs.append(job)
+    seen = set()
+    while entries := planner.next_pass():
+        widths = {RerankBackend.width(job.sequences[i]) for job, i in entries}
+        assert len(widths) == 1  # one width a pass: sequences of similar length together
+        width = widths.pop()
+        assert len(entries) <= 5 and (len(entries) * width <= 256 or len(entries) == 1)
+        for job, i in entries:
+            assert 0 <= width - len(job.sequences[i].ids) < WIDTH_STEP  # little padding
+            seen.add((id(job), i))
+    assert seen == {(id(job), i) for job in jobs for i in range(len(job.sequences))}
+
+
+def test_the_oldest_waiting_sequence_goes_first() -> None:
+    planner = PassPlanner(max_tokens=10_000, max_rows=100)
+    first, second = RerankJob(), RerankJob()
+    first.start([Encoded([0] * 100)])
+    second.start([Encoded([0] * 10), Encoded([0] * 100)])
+    planner.add(first)
+    planner.add(second)
+    assert [(job, i) for job, i in planner.next_pass()] == [(first, 0), (second, 1)]  # width 112, together
+    assert planner.next_pass() == [(second, 0)]
+    assert not planner and planner.next_pass() == []
+
+
+def test_passes_are_padded_to_whole_blocks_and_stay_within_the_budget(tiny_bert_dir: Path) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32) as served:
+        with worker_held(served.worker):
+            futures = [served.queue.submit(q, t) for q, t in REQUESTS]
+        for future in futures:
+            future.result(timeout=120)
+    for sequences in served.passes:
+        width = served.backend.width(sequences[0])
+        assert len(sequences) <= MAX_ROWS and len(sequences) * width <= MAX_TOKENS
+    text = served.metrics.render().decode()
+    assert 'grerank_batch_tokens_bucket{le="512.0",stage="rerank"}' in text
+    assert 'grerank_batch_tokens_bucket{le="256.0",stage="rerank"}' in text
+    assert ROWS_PER_BLOCK == 8  # the block size the docs and the bench describe
+
+
+# ---- bounds, errors, time limits, fairness ----
+
+
+def test_the_queue_is_bounded(tiny_bert_dir: Path) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32, capacity=2) as served:
+        with worker_held(served.worker):
+            held = [served.queue.submit("q", ["a", "b"]) for _ in range(2)]
+            with pytest.raises(QueueFull, match="GRERANK_MAX_QUEUE"):
+                served.queue.submit("q", ["c"])
+            assert served.worker.pending == 3  # the held job and two requests: the queue depth counts them
+        for future in held:
+            future.result(timeout=60)
+        served.queue.submit("q", ["d"]).result(timeout=60)  # room again once they are answered
+        assert served.worker.pending == 0
+
+
+def test_a_request_the_tokenizer_rejects_fails_alone(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32) as served:
+        encode = served.backend.encode
+
+        def picky(query: str, texts: list[str]) -> list[Encoded]:
+            if query == "unreadable":
+                raise ValueError("cannot read this")
+            return encode(query, texts)
+
+        monkeypatch.setattr(served.backend, "encode", picky)
+        with worker_held(served.worker):
+            good = served.queue.submit(*REQUESTS[0])
+            bad = served.queue.submit("unreadable", ["a"])
+        with pytest.raises(RequestRejected, match="cannot read this"):
+            bad.result(timeout=60)
+        assert torch.equal(good.result(timeout=60)[0], alone(served, *REQUESTS[0]))
+
+
+def test_a_failed_pass_fails_its_requests_and_the_queue_goes_on(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32) as served:
+        forward = served.backend.forward
+        failures = iter([RuntimeError("boom")])
+
+        def failing_once(sequences: list[Encoded]) -> torch.Tensor:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return forward(sequences)
+
+        monkeypatch.setattr(served.backend, "forward", failing_once)
+        with pytest.raises(RuntimeError, match="boom"):
+            served.queue.submit("q", ["a"]).result(timeout=60)
+        scores, _ = served.queue.submit(*REQUESTS[1]).result(timeout=60)
+        assert torch.equal(scores, alone(served, *REQUESTS[1]))
+
+
+def test_a_request_over_its_time_limit_gets_a_stage_timeout(tiny_bert_dir: Path) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32, timeout=1e-9, max_rows=1) as served:
+        with pytest.raises(StageTimeout) as raised:
+            served.queue.submit(*REQUESTS[0]).result(timeout=60)
+        assert raised.value.stage == "rerank"
+        assert len(served.passes) <= 1  # stopped at once, not after all of its passes
+
+
+def test_other_model_work_gets_the_worker_between_passes(tiny_bert_dir: Path) -> None:
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32, max_rows=1) as served:
+        with worker_held(served.worker):
+            reranks = [served.queue.submit(q, t) for q, t in REQUESTS]
+            answer = served.worker.submit(lambda: len(served.passes))  # e.g. an /answer, queued after them
+        assert answer.result(timeout=60) == 1  # it ran after one pass, not after all of them
+        for future in reranks:
+            future.result(timeout=120)
+        assert len(served.passes) == sum(len(t) + 1 for _, t in REQUESTS)
+
+
+def test_http_status_of_queue_errors(tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with serving(settings_for(tmp_path, tiny_bert_dir, tiny_llama_dir)) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        body = {"query": "q", "documents": ["a", "b"]}
+        assert client.post("/rerank", json=body).status_code == 200
+        queue = runtime.rerank_queue
+        queue.capacity = 0
+        full = client.post("/rerank", json=body)
+        assert full.status_code == 429 and full.headers["retry-after"] and "GRERANK_MAX_QUEUE" in full.text
+        queue.capacity = 32
+        encode = queue.backend.encode
+        queue.backend.encode = lambda query, texts: (_ for _ in ()).throw(ValueError("unreadable"))
+        rejected = client.post("/rerank", json=body)
+        assert rejected.status_code == 400 and "unreadable" in rejected.json()["detail"]
+        queue.backend.encode = encode
+        assert client.post("/rerank", json=body).status_code == 200
+        assert client.get("/info").json()["rerank_batching"]["rows_per_block"] == ROWS_PER_BLOCK
