@@ -12,7 +12,7 @@ export GRERANK_INDEX_DIR   ?= $(CURDIR)/var/index
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup models index serve test lint train eval bench clean help
+.PHONY: setup models index serve test lint train eval experiments report bench bench-infinity clean help
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -44,8 +44,26 @@ lint: $(STAMP)  ## ruff
 test: lint  ## set up, ruff, then the test suite
 	$(PY) -m pytest
 
-train: models  ## G-Rerank training on the shipped HotpotQA split with default settings
+train: models  ## G-Rerank training on the shipped HotpotQA split with default settings (runs/grerank)
 	$(PY) -m training.train
+
+eval: models  ## ranking metrics and reader EM/F1 on dev for the artifact of `make train`
+	$(PY) -m training.evaluate --reranker runs/grerank/artifact --name grerank --out runs/grerank/eval-dev.json
+
+experiments: models  ## every method and baseline, 2 seeds, on the shipped splits; then the report (hours)
+	$(PY) -m training.experiments
+
+report: $(STAMP)  ## results/README.md and plots from the results that exist
+	$(PY) -m training.report
+
+bench: models index  ## benchmarks: bench/results/bench.json and bench.md
+	$(PIP) install -q -e '.[bench]'
+	$(PY) -m bench
+
+bench-infinity:  ## a separate venv with infinity-emb, the peer server `make bench` compares against
+	test -x .venv-infinity/bin/python || $(PYTHON) -m venv .venv-infinity
+	.venv-infinity/bin/pip install -q torch==2.13.0
+	.venv-infinity/bin/pip install -q 'infinity-emb[server,torch]'
 
 clean:  ## remove the venv, model cache and index
 	rm -rf $(VENV) .model_cache var

@@ -1,0 +1,105 @@
+"""Run the benchmarks and write ``bench.json`` and ``bench.md``.
+
+    python -m bench                       # all of them (``make bench``): minutes to tens of minutes
+    python -m bench --quick               # smaller versions, for development
+    python -m bench --only rerank_throughput --only faiss_retrieval
+
+Each benchmark is a module of this package (see ``bench/__init__.py``); one that is not there yet is skipped
+with a message, one that fails is reported with its error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import environment
+
+BENCHMARKS = ("rerank_throughput", "faiss_retrieval", "answer_latency", "train_throughput")
+
+
+def run_one(name: str, quick: bool) -> dict[str, Any]:
+    """``{"result": ...}``, ``{"skipped": why}`` or ``{"error": traceback}``, with the seconds it took."""
+    started = time.perf_counter()
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"bench.{name}":
+            raise
+        return {"skipped": f"bench/{name}.py does not exist yet"}
+    try:
+        outcome: dict[str, Any] = {"result": module.run(quick)}
+    except Exception:
+        outcome = {"error": traceback.format_exc()}
+    outcome["seconds"] = round(time.perf_counter() - started, 1)
+    return outcome
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{report['command']}`{' (quick mode: indicative only)' if report['quick'] else ''}  ",
+        f"Started: {report['started']}",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in report["machine"].items()),
+        "",
+        "| library | version |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in report["versions"].items()),
+        "",
+    ]
+    for name, outcome in report["benchmarks"].items():
+        lines += [f"## {name}", ""]
+        if "skipped" in outcome:
+            lines += [f"Skipped: {outcome['skipped']}.", ""]
+        elif "error" in outcome:
+            lines += ["Failed:", "", "```", outcome["error"].rstrip(), "```", ""]
+        else:
+            module = importlib.import_module(f"bench.{name}")
+            lines += [module.markdown(outcome["result"]).rstrip(), "", f"({outcome['seconds']} s)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller runs: indicative numbers, fast")
+    parser.add_argument(
+        "--only", action="append", choices=BENCHMARKS, metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of the results")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "command": environment.command(),
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": environment.machine(),
+        "versions": environment.versions(),
+        "benchmarks": {},
+    }
+    for name in args.only or BENCHMARKS:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        outcome = report["benchmarks"][name] = run_one(name, args.quick)
+        status = next(k for k in ("skipped", "error", "result") if k in outcome)
+        print(f"[bench] {name}: {status} ({outcome.get('seconds', 0)} s)", file=sys.stderr, flush=True)
+        if status == "skipped":
+            print(f"[bench] {name}: {outcome['skipped']}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "bench.md").write_text(render(report) + "\n")
+    print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}", file=sys.stderr)
+    return 1 if any("error" in o for o in report["benchmarks"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,521 @@
+"""Rerank throughput and latency of the running service, against sentence-transformers and infinity-emb on
+the same weights and inputs.
+
+Workload: requests of one HotpotQA dev question and 20 shipped HotpotQA passages, each cut to 126 word pieces
+(128 tokens with [CLS] and [SEP]); the default MiniLM reranker (a bi-encoder: cosine of mean-pooled
+embeddings). Measured, with medians over repeated runs:
+
+* our service, started with uvicorn on loopback in a subprocess (like the tests do): pairs/s and request
+  latency p50/p99 at 1, 8 and 32 concurrent clients (asyncio httpx clients, bodies encoded beforehand);
+* the model alone, in process: the same requests through the same batching and backend, no HTTP; from it the
+  service overhead (HTTP, JSON, queue) at 8 clients as a fraction of model time;
+* sentence-transformers on the same weights, fp32 defaults: ``SentenceTransformer.encode`` of the query and
+  documents, then cosine, request by request (latency) and all requests in one call (its best throughput);
+  the default weights ship no cross-encoder, so there is no ``CrossEncoder.predict`` row;
+* infinity-emb, if an ``infinity_emb`` executable is found (``GRERANK_BENCH_INFINITY``, else
+  ``.venv-infinity/bin/infinity_emb``; ``make bench-infinity`` makes that venv): its ``/embeddings`` at the
+  same concurrencies, defaults but for ``--engine torch --device cpu``;
+* this machine's bf16 matmul peak (GFLOP/s of a large torch matmul), and the model's achieved GFLOP/s as a
+  fraction of it, FLOPs counted from the config: per sequence of n real tokens,
+  ``layers * (2 n (4 h^2 + 2 h i) + 4 n^2 h)`` (the linear layers and attention; padding not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.stats import medians, percentile, summary
+from grerank import model_paths, qa_data
+from grerank.reranker import build_reranker
+from grerank.runtime import resolve_dtype
+from service.batching_queue import rerank_inline
+from service.metrics import Metrics
+from service.rerank_backend import RerankBackend
+from service.settings import Settings
+from tests.uvicorn_server import ROOT, Server, free_port
+
+CONCURRENCY = (1, 8, 32)
+DOCUMENTS = 20
+DOC_TOKENS = 128
+# Model folders, as GRERANK_RERANKER / GRERANK_READER take them; the smoke test points them at tiny models.
+RERANKER = "default"
+READER = "default"
+INFINITY_NAME = "minilm"
+PEAKS = (("bf16", "bfloat16"), ("fp32", "float32"))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    requests: dict[int, int]  # per concurrency, per run
+    repeats: int
+    matmul: int  # side of the square matmul that measures the peak
+    agreement: int  # requests whose scores are compared with sentence-transformers
+
+
+QUICK = Sizes({1: 4, 8: 16, 32: 32}, repeats=2, matmul=2048, agreement=4)
+FULL = Sizes({1: 20, 8: 80, 32: 160}, repeats=3, matmul=4096, agreement=16)
+
+
+@dataclass(frozen=True)
+class Workload:
+    queries: list[str]
+    documents: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def rerank_bodies(self) -> list[bytes]:
+        return [
+            json.dumps({"query": q, "documents": d}).encode()
+            for q, d in zip(self.queries, self.documents, strict=True)
+        ]
+
+    def embedding_bodies(self) -> list[bytes]:
+        return [
+            json.dumps({"model": INFINITY_NAME, "input": [q, *d]}).encode()
+            for q, d in zip(self.queries, self.documents, strict=True)
+        ]
+
+
+def workload(requests: int, seed: int = 0) -> Workload:
+    """``requests`` (question, 20 passages) pairs; passages cut to ``DOC_TOKENS`` tokens with specials."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_paths.resolve("reranker", RERANKER))
+    texts = [p.as_text() for p in qa_data.corpus()]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    budget = DOC_TOKENS - 2
+    long = [
+        text[: offsets[budget - 1][1]]
+        for text, offsets in zip(texts, encoded["offset_mapping"], strict=True)
+        if len(offsets) >= budget
+    ]
+    questions = [ex.question for ex in qa_data.load_examples(qa_data.split_path("dev"))]
+    rng = random.Random(seed)
+    return Workload(
+        [questions[i % len(questions)] for i in range(requests)],
+        [rng.sample(long, DOCUMENTS) for _ in range(requests)],
+    )
+
+
+# ---- load generation ----
+
+
+async def _drive(url: str, path: str, bodies: list[bytes], clients: int, total: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    failures: list[int] = []
+    counter = itertools.count()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one_client() -> None:
+            while (i := next(counter)) < total:
+                start = time.perf_counter()
+                response = await client.post(path, content=bodies[i % len(bodies)], headers=headers)
+                await response.aread()
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "wall": wall, "failures": failures}
+
+
+def load_run(url: str, path: str, bodies: list[bytes], clients: int, total: int) -> dict[str, float]:
+    """``total`` requests from ``clients`` concurrent clients: pairs/s and latency percentiles (ms)."""
+    out = asyncio.run(_drive(url, path, bodies, clients, total))
+    if out["failures"]:
+        raise RuntimeError(
+            f"{len(out['failures'])} of {total} requests failed: {sorted(set(out['failures']))}"
+        )
+    return {
+        "pairs_per_s": total * DOCUMENTS / out["wall"],
+        "p50_ms": percentile(out["latencies"], 50) * 1000,
+        "p99_ms": percentile(out["latencies"], 99) * 1000,
+        "wall_s": out["wall"],
+    }
+
+
+def concurrency_sweep(
+    url: str, path: str, bodies: list[bytes], sizes: Sizes, probe: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Per concurrency, the median of each metric over ``sizes.repeats`` runs (and every run's pairs/s).
+    ``probe(run)`` (optional) adds server-side figures to a run."""
+    load_run(url, path, bodies, 1, 2)  # warm-up: first-call kernel selection, connection set-up
+    out = {}
+    for clients in CONCURRENCY:
+        runs = []
+        for _ in range(sizes.repeats):
+            before = probe() if probe else None
+            run = load_run(url, path, bodies, clients, sizes.requests[clients])
+            if probe:
+                run.update(_busy(before, probe(), run["wall_s"]))
+            runs.append(run)
+        out[str(clients)] = {**medians(runs), "pairs_per_s_runs": [r["pairs_per_s"] for r in runs]}
+    return out
+
+
+# ---- our service ----
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    """The rerank forward-pass counters of /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out = {}
+    for name in ("grerank_forward_seconds_sum", "grerank_forward_seconds_count", "grerank_batch_tokens_sum"):
+        match = re.search(rf'^{name}{{stage="rerank"}} (\S+)$', text, re.MULTILINE)
+        out[name] = float(match.group(1)) if match else 0.0
+    return out
+
+
+def _busy(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    busy = after["grerank_forward_seconds_sum"] - before["grerank_forward_seconds_sum"]
+    passes = after["grerank_forward_seconds_count"] - before["grerank_forward_seconds_count"]
+    tokens = after["grerank_batch_tokens_sum"] - before["grerank_batch_tokens_sum"]
+    return {
+        "model_busy_fraction": busy / wall,
+        "tokens_per_pass": tokens / passes if passes else 0.0,
+        "passes": passes,
+    }
+
+
+@contextmanager
+def our_service(folder: Path) -> Iterator[str]:
+    env = {
+        "GRERANK_RERANKER": RERANKER,
+        "GRERANK_EMBEDDER": RERANKER,
+        "GRERANK_READER": READER,
+        "GRERANK_INDEX_DIR": str(folder / "index"),
+        "GRERANK_MAX_QUEUE": "64",  # above the 32 clients: no 429 from a response racing the next request
+        "GRERANK_LOG_LEVEL": "warning",
+    }
+    server = Server(env, folder / "server.log").start()
+    try:
+        server.wait_ready(timeout=600)
+        yield server.url
+    finally:
+        server.stop()
+
+
+# ---- the model alone, in process ----
+
+
+def backend_for(dtype: torch.dtype) -> RerankBackend:
+    reranker = build_reranker("bi-encoder", model_paths.resolve("reranker", RERANKER)).eval()
+    return RerankBackend(reranker, dtype)
+
+
+def model_alone(backend: RerankBackend, work: Workload, repeats: int) -> dict[str, Any]:
+    """All requests through the queue's pass planning and the backend, as one batch: model-only seconds."""
+    from service.batching_queue import PassPlanner, RerankJob, run_pass
+
+    settings, metrics = Settings(), Metrics()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        planner = PassPlanner(settings.max_batch_tokens, settings.rerank_batch_size)
+        for query, texts in zip(work.queries, work.documents, strict=True):
+            job = RerankJob()
+            job.start(backend.encode(query, texts))
+            planner.add(job)
+        while entries := planner.next_pass():
+            run_pass(backend, entries, metrics)
+        seconds.append(time.perf_counter() - start)
+    model_seconds = statistics.median(seconds)
+    return {
+        "pairs_per_s": len(work) * DOCUMENTS / model_seconds,
+        "seconds": summary(seconds),
+        "max_batch_tokens": settings.max_batch_tokens,
+        "rerank_batch_size": settings.rerank_batch_size,
+    }
+
+
+def encoder_flops(backend: RerankBackend, work: Workload) -> float:
+    """FLOPs of the encoder forward passes over every real (unpadded) token of ``work``."""
+    config = backend.model.config
+    layers, hidden, inner = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    total = 0.0
+    for query, texts in zip(work.queries, work.documents, strict=True):
+        for sequence in backend.encode(query, texts):
+            n = len(sequence.ids)
+            total += layers * (2 * n * (4 * hidden**2 + 2 * hidden * inner) + 4 * n**2 * hidden)
+    return total
+
+
+def matmul_peak(dtype: torch.dtype, side: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a ``side`` x ``side`` torch matmul: median and best of ``repeats`` timed runs."""
+    a, b = torch.randn(side, side).to(dtype), torch.randn(side, side).to(dtype)
+    for _ in range(2):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * side**3 / (time.perf_counter() - start) / 1e9)
+    return {"median_gflops": statistics.median(rates), "best_gflops": max(rates), "side": side}
+
+
+# ---- sentence-transformers ----
+
+
+def sentence_transformers_baseline(work: Workload, sizes: Sizes) -> dict[str, Any]:
+    """fp32 defaults: per request (one client) and all requests in one ``encode`` call; and its scores."""
+    from sentence_transformers import SentenceTransformer, util
+
+    model = SentenceTransformer(str(model_paths.resolve("reranker", RERANKER)), device="cpu")
+
+    def scores(i: int) -> torch.Tensor:
+        embeddings = model.encode([work.queries[i], *work.documents[i]], convert_to_tensor=True)
+        return util.cos_sim(embeddings[:1], embeddings[1:])[0]
+
+    scores(0)  # warm-up
+    runs, agreement_scores = [], {}
+    for _ in range(sizes.repeats):
+        latencies = []
+        start = time.perf_counter()
+        for i in range(sizes.requests[1]):
+            t = time.perf_counter()
+            agreement_scores[i] = scores(i)
+            latencies.append(time.perf_counter() - t)
+        wall = time.perf_counter() - start
+        runs.append(
+            {
+                "pairs_per_s": sizes.requests[1] * DOCUMENTS / wall,
+                "p50_ms": percentile(latencies, 50) * 1000,
+                "p99_ms": percentile(latencies, 99) * 1000,
+            }
+        )
+    bulk = []
+    count = sizes.requests[CONCURRENCY[-1]]
+    texts = [t for q, d in zip(work.queries[:count], work.documents[:count], strict=True) for t in (q, *d)]
+    for _ in range(sizes.repeats):
+        start = time.perf_counter()
+        model.encode(texts, convert_to_tensor=True)
+        bulk.append(count * DOCUMENTS / (time.perf_counter() - start))
+    for i in range(len(agreement_scores), sizes.agreement):
+        agreement_scores[i] = scores(i)
+    return {
+        "per_request": medians(runs),
+        "bulk_pairs_per_s": statistics.median(bulk),
+        "scores": [agreement_scores[i].tolist() for i in range(sizes.agreement)],
+    }
+
+
+def agreement(backend: RerankBackend, work: Workload, reference: list[list[float]]) -> dict[str, float]:
+    """How far our served scores (``backend``'s precision) are from sentence-transformers' fp32 cosines."""
+    settings, metrics = Settings(), Metrics()
+    diffs, same_top5 = [], 0
+    for i, expected in enumerate(reference):
+        query, texts = work.queries[i], work.documents[i]
+        ours = rerank_inline(
+            backend, query, texts, settings.max_batch_tokens, settings.rerank_batch_size, metrics
+        )
+        theirs = torch.tensor(expected)
+        diffs.append(float((ours - theirs).abs().max()))
+        same_top5 += ours.topk(5).indices.tolist() == theirs.topk(5).indices.tolist()
+    return {"max_abs_score_diff": max(diffs), "same_top5_fraction": same_top5 / len(reference)}
+
+
+# ---- infinity-emb ----
+
+
+def infinity_executable() -> Path | None:
+    configured = os.environ.get("GRERANK_BENCH_INFINITY")
+    if configured is not None:
+        return Path(configured) if configured else None  # set but empty: off
+    default = ROOT / ".venv-infinity" / "bin" / "infinity_emb"
+    return default if default.is_file() else None
+
+
+@contextmanager
+def infinity_service(executable: Path, folder: Path) -> Iterator[str]:
+    port = free_port()
+    command = [str(executable), "v2", "--model-id", str(model_paths.resolve("reranker", RERANKER))]
+    command += ["--served-model-name", INFINITY_NAME, "--engine", "torch", "--device", "cpu"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    # Offline, and no usage statistics sent anywhere.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+    env["INFINITY_ANONYMOUS_USAGE_STATS"] = "0"
+    url = f"http://127.0.0.1:{port}"
+    with (folder / "infinity.log").open("ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"infinity_emb exited with {process.returncode}; see its log")
+            try:
+                if httpx.get(url + "/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError("infinity_emb did not start within 600 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def infinity_baseline(work: Workload, sizes: Sizes, folder: Path) -> dict[str, Any]:
+    executable = infinity_executable()
+    if executable is None:
+        return {"skipped": "no infinity_emb executable (GRERANK_BENCH_INFINITY, or make bench-infinity)"}
+    version = subprocess.run(
+        [str(executable.parent / "python"), "-c", "import infinity_emb; print(infinity_emb.__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    with infinity_service(executable, folder) as url:
+        sweep = concurrency_sweep(url, "/embeddings", work.embedding_bodies(), sizes)
+    return {"version": version or None, "concurrency": sweep}
+
+
+# ---- the benchmark ----
+
+
+def run(quick: bool) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    torch.set_grad_enabled(False)
+    work = workload(max(sizes.requests.values()))
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+    result: dict[str, Any] = {
+        "workload": {
+            "documents_per_request": DOCUMENTS,
+            "document_tokens": DOC_TOKENS,
+            "requests_per_run": {str(c): n for c, n in sizes.requests.items()},
+            "repeats": sizes.repeats,
+            "reranker": RERANKER,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    }
+    with tempfile.TemporaryDirectory(prefix="grerank-bench-") as tmp:
+        with our_service(Path(tmp)) as url:
+            bodies = work.rerank_bodies()
+            result["service"] = concurrency_sweep(url, "/rerank", bodies, sizes, lambda: _metric_sums(url))
+        backend = backend_for(dtype)
+        best = max(CONCURRENCY, key=lambda c: result["service"][str(c)]["pairs_per_s"])
+        best_work = Workload(work.queries[: sizes.requests[best]], work.documents[: sizes.requests[best]])
+        result["model_alone"] = model_alone(backend, best_work, sizes.repeats)
+        flops_per_pair = encoder_flops(backend, best_work) / (len(best_work) * DOCUMENTS)
+        result["sentence_transformers"] = sentence_transformers_baseline(work, sizes)
+        result["agreement_with_sentence_transformers"] = agreement(
+            backend, work, result["sentence_transformers"].pop("scores")
+        )
+        result["infinity"] = infinity_baseline(work, sizes, Path(tmp))
+    result["peak"] = {dtype: matmul_peak(getattr(torch, name), sizes.matmul) for dtype, name in PEAKS}
+    result["summary"] = summarize(result, flops_per_pair, best)
+    return result
+
+
+def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[str, Any]:
+    service = result["service"]
+    ours = service[str(best)]["pairs_per_s"]
+    model = result["model_alone"]["pairs_per_s"]
+    peak = result["peak"]["bf16"]["median_gflops"]
+    eight = service["8"]
+    return {
+        "best_concurrency": best,
+        "service_pairs_per_s": ours,
+        "vs_st_bulk": ours / result["sentence_transformers"]["bulk_pairs_per_s"],
+        "vs_st_per_request": ours / result["sentence_transformers"]["per_request"]["pairs_per_s"],
+        "gflop_per_pair": flops_per_pair / 1e9,
+        "service_gflops": ours * flops_per_pair / 1e9,
+        "model_gflops": model * flops_per_pair / 1e9,
+        "service_fraction_of_bf16_peak": ours * flops_per_pair / 1e9 / peak,
+        "model_fraction_of_bf16_peak": model * flops_per_pair / 1e9 / peak,
+        # (time per pair over HTTP at 8 clients) / (time per pair of the model alone) - 1
+        "overhead_at_8_clients": model / eight["pairs_per_s"] - 1,
+        # time the model was not in a forward pass, relative to the time it was, at 8 clients
+        "idle_over_busy_at_8_clients": (1 - eight["model_busy_fraction"]) / eight["model_busy_fraction"],
+    }
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _latency_row(system: str, clients: object, run: dict[str, float]) -> str:
+    return _row(system, clients, f"{run['pairs_per_s']:.0f}", f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    w, s, peak = result["workload"], result["summary"], result["peak"]
+    st, infinity = result["sentence_transformers"], result["infinity"]
+    lines = [
+        f"Requests of 1 query + {w['documents_per_request']} HotpotQA passages of {w['document_tokens']} "
+        f"tokens; reranker `{w['reranker']}` ({w['dtype']} in the service); medians of {w['repeats']} runs.",
+        "",
+        _row("system", "clients", "pairs/s", "p50 ms", "p99 ms"),
+        _row("---", "---", "---", "---", "---"),
+        *(_latency_row("grerank /rerank", c, run) for c, run in result["service"].items()),
+        _latency_row("sentence-transformers fp32, per request", 1, st["per_request"]),
+        _row("sentence-transformers fp32, one encode call", "-", f"{st['bulk_pairs_per_s']:.0f}", "", ""),
+    ]
+    if "skipped" in infinity:
+        lines.append(_row("infinity-emb", f"skipped: {infinity['skipped']}", "", "", ""))
+    else:
+        name = f"infinity-emb {infinity['version']} /embeddings"
+        lines += [_latency_row(name, c, run) for c, run in infinity["concurrency"].items()]
+    model = result["model_alone"]
+    lines.append(_row("model alone, in process, no HTTP", "-", f"{model['pairs_per_s']:.0f}", "", ""))
+    agree = result["agreement_with_sentence_transformers"]
+    lines += [
+        "",
+        _row("figure", "value", "target"),
+        _row("---", "---", "---"),
+        _row("throughput / sentence-transformers one encode call", f"{s['vs_st_bulk']:.2f}x", ">= 2x"),
+        _row("throughput / sentence-transformers per request", f"{s['vs_st_per_request']:.2f}x", ""),
+        _row(
+            f"matmul peak, {peak['bf16']['side']}^2",
+            f"bf16 {peak['bf16']['median_gflops']:.0f} GFLOP/s, fp32 {peak['fp32']['median_gflops']:.0f}",
+            "",
+        ),
+        _row("model FLOPs per pair (analytic, real tokens)", f"{s['gflop_per_pair']:.2f} GFLOP", ""),
+        _row(
+            f"achieved by the service at {s['best_concurrency']} clients",
+            f"{s['service_gflops']:.0f} GFLOP/s, {s['service_fraction_of_bf16_peak']:.0%} of bf16 peak",
+            ">= 40%",
+        ),
+        _row(
+            "achieved by the model alone",
+            f"{s['model_gflops']:.0f} GFLOP/s, {s['model_fraction_of_bf16_peak']:.0%} of bf16 peak",
+            "",
+        ),
+        _row("service overhead at 8 clients (vs model alone)", f"{s['overhead_at_8_clients']:.0%}", "<= 10%"),
+        _row("model idle / busy at 8 clients (server side)", f"{s['idle_over_busy_at_8_clients']:.0%}", ""),
+        _row(
+            "scores vs sentence-transformers fp32",
+            f"max abs diff {agree['max_abs_score_diff']:.4f}, "
+            f"same top 5 in {agree['same_top5_fraction']:.0%}",
+            "",
+        ),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""The experiment grid and its report, end to end on tiny models and the synthetic task."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from tests.synthetic_qa import synthetic_split
+from training import experiments
+
+
+def test_grid_trains_evaluates_and_reports_every_method(
+    copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the grid's default folders land here
+    train = synthetic_split(tmp_path / "train.jsonl", 16, 4, seed=0)
+    dev = synthetic_split(tmp_path / "dev.jsonl", 8, 4, seed=9)
+    shared = ["--candidates", "4", "--reader", str(copy_reader_dir), "--precision", "fp32",
+              "--state-cache-dir", str(tmp_path / "states")]  # fmt: skip
+    train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(tiny_bert_dir),
+                  "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
+    eval_args = [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
+    argv = ["--only", "bm25", "grerank", "pdist", "--seeds", "0", "1",
+            "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
+    experiments.main(argv)
+
+    names = sorted(p.stem for p in (tmp_path / "results" / "dev").glob("*.json"))
+    assert names == ["bm25", "grerank-seed0", "grerank-seed1", "pdist-seed0", "pdist-seed1"]
+    pdist = json.loads((tmp_path / "results" / "dev" / "pdist-seed1.json").read_text())
+    assert pdist["method"] == "pdist" and pdist["seed"] == 1
+    assert "--objective pdist" in pdist["commands"][0] and "--seed 1" in pdist["commands"][0]
+    assert pdist["reranker"]["manifest"]["hyperparameters"]["seed"] == 1
+
+    report = (tmp_path / "results" / "README.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| pdist |")]
+    assert len(rows) == 3 and rows[0].split(" | ")[1] == "2"  # one row per question group; 2 seeds
+    assert "python -m training.evaluate --reranker bm25" in report
+    for plot in ("metrics.png", "training_curves.png"):
+        assert (tmp_path / "results" / plot).read_bytes()[:4] == b"\x89PNG"
+
+    stamp = (tmp_path / "results" / "dev" / "bm25.json").stat().st_mtime_ns
+    experiments.main(argv)  # everything is done: nothing runs again
+    assert (tmp_path / "results" / "dev" / "bm25.json").stat().st_mtime_ns == stamp

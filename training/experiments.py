@@ -1,0 +1,148 @@
+"""The comparison behind ``results/``: every method trained and evaluated by the same two CLIs on the shipped
+HotpotQA train and dev splits, seed by seed.
+
+    python -m training.experiments                 # run what is missing, then write the report
+    python -m training.experiments --dry-run       # list the commands without running them
+    python -m training.experiments --only pdist emdr --seeds 0 1
+
+Each run is ``python -m training.train ... --out runs/experiments/NAME`` (trained methods) followed by
+``python -m training.evaluate ... --out results/dev/NAME.json``, as subprocesses, so the commands recorded in
+the results are exactly what ran. A run whose results file exists is skipped, and training resumes from its
+checkpoint: the grid can be stopped and continued, and extended with more seeds. Document states, reader
+signals and generated answers are shared on disk (``runs/doc-states``), so only the first run pays for the
+reader's work on a passage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import report
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    train_args: tuple[str, ...] | None  # None: evaluated as is (no training, no seeds)
+    reranker: str = ""  # what training.evaluate loads when not trained
+    note: str = ""
+
+
+BASELINE_FLAGS = ("--anchor-weight", "0")  # the published objectives, without G-Rerank's anchor
+
+METHODS = [
+    Method("bm25", None, "bm25", "lexical baseline"),
+    Method("zero-shot", None, "zero-shot", "the untrained MiniLM bi-encoder the others start from"),
+    Method("grerank", (), note="G-Rerank, the training CLI's defaults"),
+    Method("pdist", ("--objective", "pdist", *BASELINE_FLAGS), note="perplexity distillation"),
+    Method("emdr", ("--objective", "emdr", *BASELINE_FLAGS), note="EMDR: documents as latent variables"),
+    Method("adist", ("--objective", "adist", *BASELINE_FLAGS), note="attention distillation"),
+    Method("supervised", ("--objective", "supervised", *BASELINE_FLAGS), note="uses supporting labels"),
+]
+
+
+@dataclass
+class Run:
+    method: Method
+    seed: int | None
+    commands: list[list[str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.method.name if self.seed is None else f"{self.method.name}-seed{self.seed}"
+
+
+def plan(
+    methods: list[Method],
+    seeds: list[int],
+    runs: Path,
+    results: Path,
+    train_args: list[str],
+    eval_args: list[str],
+) -> list[Run]:
+    """Seed-major order: every method's first seed comes before any method's second."""
+    planned = [Run(m, None) for m in methods if m.train_args is None]
+    for seed in seeds:
+        planned += [Run(m, seed) for m in methods if m.train_args is not None]
+    for run in planned:
+        out = results / f"{run.name}.json"
+        reranker = run.method.reranker
+        if run.method.train_args is not None:
+            folder = runs / run.name
+            run.commands.append(
+                ["python", "-m", "training.train", *run.method.train_args, *train_args,
+                 "--seed", str(run.seed), "--out", str(folder), "--resume"]
+            )  # fmt: skip
+            reranker = str(folder / "artifact")
+        run.commands.append(
+            ["python", "-m", "training.evaluate", "--reranker", reranker, "--name", run.name,
+             "--out", str(out), *eval_args]
+        )  # fmt: skip
+    return planned
+
+
+def execute(run: Run, results: Path) -> None:
+    started = time.perf_counter()
+    for command in run.commands:
+        print("$", shlex.join(command), flush=True)
+        subprocess.run([sys.executable, *command[1:]], check=True)
+    out = results / f"{run.name}.json"
+    result = json.loads(out.read_text())
+    result.update(
+        method=run.method.name,
+        seed=run.seed,
+        note=run.method.note,
+        commands=[shlex.join(c) for c in run.commands],
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m training.experiments",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--only", nargs="*", default=None, help="method names (default: all)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--runs", default="runs/experiments", help="training run folders")
+    p.add_argument("--results", default="results", help="results folder (dev results go in DEV/)")
+    p.add_argument("--train-args", default="", help="extra training.train arguments, one string")
+    p.add_argument("--eval-args", default="", help="extra training.evaluate arguments, one string")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    known = {m.name: m for m in METHODS}
+    unknown = set(args.only or []) - set(known)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; known: {sorted(known)}")
+    methods = [m for m in METHODS if args.only is None or m.name in args.only]
+    results = Path(args.results)
+    planned = plan(
+        methods,
+        args.seeds,
+        Path(args.runs),
+        results / "dev",
+        shlex.split(args.train_args),
+        shlex.split(args.eval_args),
+    )
+    for run in planned:
+        done = (results / "dev" / f"{run.name}.json").is_file()
+        if args.dry_run:
+            print(f"# {run.name}{' (done)' if done else ''}")
+            print("\n".join(shlex.join(c) for c in run.commands))
+        elif not done:
+            execute(run, results / "dev")
+    if not args.dry_run:
+        report.main(["--results", str(results), "--runs", args.runs])
+
+
+if __name__ == "__main__":
+    main()
