@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -39,21 +40,39 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def return_free_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
-
-    Long-lived multi-megabyte tensors (cached document states) interleaved with transient ones fragment the
-    heap, and RSS grows far past what is live. Trimming once per training step returns the holes; a fixed
-    mmap threshold would too, but costs a page fault per large allocation (40-70% slower steps here).
-    """
+def _libc():
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def reuse_freed_memory(trim_threshold: int = 512 << 20) -> None:
+    """Serve large allocations from the heap and keep what is freed there for reuse (glibc ``mallopt``);
+    a no-op elsewhere.
+
+    glibc maps every block over its mmap threshold (at most 32 MB) afresh and unmaps it when freed; a
+    training step allocates gigabytes of such blocks, so every step faulted all of their pages in again: a
+    make-train run spent 1,150 of its 5,100 CPU seconds in the kernel. With a 1 GiB threshold, 8 steps
+    took 6.4 instead of 8.2 s each, with 0.23M instead of 1.9M page faults per step.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, trim_threshold)  # free memory past it at the top of the heap goes back
+
+
+def return_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere. Costly (the
+    pages are faulted in again when next used), so done between phases, not every step."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def peak_rss_gb() -> float:
@@ -61,3 +80,14 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel could hand out now (``MemAvailable``); half the physical memory where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

@@ -64,7 +64,11 @@ class Pipeline:
         self.metrics = metrics
         # One document per encoder call, so cached and freshly encoded states are bit-identical.
         self.reader_cache = DocStateCache(
-            models.reader, settings.reader_cache_mb * 2**20, encode_batch_size=1
+            models.reader,
+            settings.reader_cache_mb * 2**20,
+            settings.reader_cache_dir or settings.index_dir / "reader-states",
+            settings.reader_cache_disk_mb * 2**20,
+            encode_batch_size=1,
         )
         self.truncation = TruncationPolicy(models.reranker, models.reader)
         # bf16 on CPUs with AVX512-BF16/AMX, bf16 or fp16 on a GPU (GRERANK_PRECISION), fp32 otherwise.
@@ -199,8 +203,30 @@ class Pipeline:
             vectors = self.embed_passages([Passage(d.title, d.text) for d in documents])
             clock.check()  # the last point of return: past it the write is committed and acknowledged
             keys = self.index.upsert(documents, vectors)
+            if self.settings.precompute_reader_states:
+                self.precompute_reader_states([Passage(d.title, d.text) for d in documents], clock.check)
         self.metrics.documents_indexed.set(len(self.index))
         return keys
+
+    def precompute_reader_states(
+        self, passages: Sequence[Passage], check: Callable[[], None] | None = None, chunk: int = 16
+    ) -> int:
+        """Encode and cache the reader states of ``passages`` now rather than at their first /answer; returns
+        how many were encoded. Best effort: the documents are already indexed, so running out of time only
+        leaves the rest to be encoded when first read."""
+        if self.models.reader.states_depend_on_question:
+            return 0
+        done = 0
+        try:
+            for start in range(0, len(passages), chunk):  # in chunks: never all states in memory at once
+                part = passages[start : start + chunk]
+                self.reader_cache.states(part, check=check)
+                done += len(part)
+        except StageTimeout as exc:
+            left = len(passages) - done
+            log.warning("reader states of %d documents left for their first use: %s", left, exc)
+        self.metrics.reader_cache_bytes.set(self.reader_cache.memory_bytes)
+        return done
 
     def delete(self, doc_id: str) -> bool:
         deleted = self.index.delete(doc_id)

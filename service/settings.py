@@ -78,6 +78,22 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(32, ge=1, description="Texts per embedder forward pass when indexing.")
     reader_max_new_tokens: int = Field(32, ge=1, le=512)
     reader_cache_mb: int = Field(512, ge=0, description="Memory for cached per-document reader states.")
+    reader_cache_disk_mb: int = Field(
+        0,
+        ge=0,
+        description="Disk for per-document reader states, a tier that survives restarts (least recently "
+        "used files removed first); 0: memory only. About 3.5 MB per 150-token document for the default "
+        "reader in bf16.",
+    )
+    reader_cache_dir: Path | None = Field(
+        None, description="Folder of that disk tier; default: GRERANK_INDEX_DIR/reader-states."
+    )
+    precompute_reader_states: bool = Field(
+        False,
+        description="Encode a document's reader states when it is indexed (POST /documents), so /answer "
+        "pays only for its question and answer tokens; kept within the two budgets above. Decoder readers "
+        "only: a FiD reader's states depend on the question.",
+    )
 
     # ---- overload and timeouts ----
     max_queue: int = Field(

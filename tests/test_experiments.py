@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def test_grid_trains_evaluates_and_reports_every_method(
     rows = [line for line in report.splitlines() if line.startswith("| pdist |")]
     assert len(rows) == 3 and rows[0].split(" | ")[1] == "2"  # one row per question group; 2 seeds
     assert "python -m training.evaluate --reranker bm25" in report
+    assert re.search(r"- answer R@1: G-Rerank [\d.]+ (beats|does not beat) pdist [\d.]+\.", report)
     for plot in ("metrics.png", "training_curves.png"):
         assert (tmp_path / "results" / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -127,3 +127,34 @@ def test_the_default_reranker_says_it_is_untrained(tiny_bert_dir: Path) -> None:
     assert info.status == UNTRAINED and not info.trained and info.config["architecture"] == "bi-encoder"
     _, folder_info = load_reranker(Settings(artifact=None, reranker=str(tiny_bert_dir)), torch.device("cpu"))
     assert folder_info.status == "untrained reranker"
+
+
+def test_reader_states_precomputed_at_indexing_serve_answer_after_a_restart(
+    tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from service.document_index import DocumentIndex
+    from service.metrics import Metrics
+    from service.models import load_models
+    from service.pipeline import Pipeline
+
+    settings = Settings(
+        embedder=str(tiny_bert_dir), reranker=str(tiny_bert_dir), reader=str(tiny_llama_dir),
+        index_dir=tmp_path / "index", device="cpu", precision="fp32", reader_max_new_tokens=4,
+        reader_cache_disk_mb=64, precompute_reader_states=True,
+    )  # fmt: skip
+    models = load_models(settings)
+
+    def pipeline() -> Pipeline:
+        index = DocumentIndex(settings.index_dir, models.embedder.dim, models.embedder_source)
+        return Pipeline(models, index, settings, Metrics())
+
+    first = pipeline()
+    first.upsert(documents(6))
+    assert first.reader_cache.misses == 6 and first.reader_cache.disk_bytes > 0
+    fresh = first.answer("text 3", top_k=2, candidates=6)
+
+    restarted = pipeline()  # a new process: an empty memory tier over the same disk tier
+    again = restarted.answer("text 3", top_k=2, candidates=6)
+    assert restarted.reader_cache.misses == 0 and restarted.reader_cache.disk_hits == 2
+    assert again.answer == fresh.answer and again.answer is not None
+    assert [c.document.id for c in again.citations] == [c.document.id for c in fresh.citations]

@@ -89,6 +89,7 @@ def markdown(methods: dict[str, list[dict]], plots: list[str]) -> str:
             lines.append("| " + " | ".join(row) + " |")
         first = next(iter(methods.values()))
         lines += ["", f"Questions behind each figure: {counts(first, group)}.", ""]
+    lines += verdict(methods)
     lines += ["## Commands", ""]
     for results in methods.values():
         for r in results:
@@ -98,6 +99,31 @@ def markdown(methods: dict[str, list[dict]], plots: list[str]) -> str:
             lines += [f"  - `{c}`" for c in r.get("commands", [r["command"]])]
     lines += ["", *(f"![{p}]({p})" for p in plots), ""]
     return "\n".join(lines)
+
+
+def verdict(methods: dict[str, list[dict]], ours: str = "grerank") -> list[str]:
+    """The acceptance checks, stated from the numbers: G-Rerank against the label-free alternatives on what
+    the reader needs, and against the starting reranker on what it must not lose."""
+    if ours not in methods:
+        return []
+
+    def mean(method: str, section: str, name: str) -> float | None:
+        return cell(methods[method], section, name)[1] if method in methods else None
+
+    lines = ["## Does the default G-Rerank do what it promises?", ""]
+    for rival in ("zero-shot", "pdist", "emdr"):
+        for section, name, label in (("ranking", "answer_recall@1", "answer R@1"), ("top2", "f1", "F1@2")):
+            a, b = mean(ours, section, name), mean(rival, section, name)
+            if a is not None and b is not None:
+                word = "beats" if a > b else "does not beat"
+                lines.append(f"- {label}: G-Rerank {a:.1f} {word} {rival} {b:.1f}.")
+    kept = (("support_recall@2", "support R@2"), ("bridge_recall@5", "bridge R@5"))
+    for name, label in kept:
+        a, b = mean(ours, "ranking", name), mean("zero-shot", "ranking", name)
+        if a is not None and b is not None:
+            word = "within" if a >= b - 1.0 else "NOT within"
+            lines.append(f"- {label}: G-Rerank {a:.1f} vs zero-shot {b:.1f}: {word} 1 point.")
+    return [*lines, ""]
 
 
 def plot_metrics(methods: dict[str, list[dict]], path: Path) -> None:

@@ -40,7 +40,15 @@ from grerank.gumbel_topk import hard_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.readers import READER_FAMILIES, load_reader
 from grerank.reranker import Reranker, build_reranker
-from grerank.runtime import PRECISIONS, peak_rss_gb, resolve_device, resolve_dtype, return_free_memory
+from grerank.runtime import (
+    PRECISIONS,
+    available_memory_bytes,
+    peak_rss_gb,
+    resolve_device,
+    resolve_dtype,
+    return_free_memory,
+    reuse_freed_memory,
+)
 from training import objectives
 from training.metrics import ranking_metrics
 from training.reader_signals import reader_signals
@@ -106,7 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision", choices=PRECISIONS, default="auto", help="reader weights and reranker autocast"
     )
     g.add_argument("--no-doc-cache", action="store_true", help="recompute document states every step (slow)")
-    g.add_argument("--cache-memory-gb", type=float, default=6.0, help="document states kept in RAM")
+    g.add_argument(
+        "--cache-memory-gb",
+        type=float,
+        default=None,
+        help="document states kept in RAM (default: half the memory available at start, shared among "
+        "local processes); the rest are read back from --state-cache-dir, which is slower",
+    )
     g.add_argument(
         "--state-cache-dir",
         default="runs/doc-states",
@@ -274,6 +288,7 @@ def load_split(name: str, limit: int | None, n: int) -> list[Example]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    reuse_freed_memory()
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -299,9 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
     reranker = build_reranker(args.reranker_arch, reranker_path).to(device)
     reader = load_reader(reader_path, args.reader_family, device, dtype)
     state_dir = Path(args.state_cache_dir)
-    cache = DocStateCache(
-        reader, int(args.cache_memory_gb * (1 << 30)), state_dir, int(args.cache_disk_gb * (1 << 30))
-    )
+    if args.cache_memory_gb is None:  # every process on this machine takes its share of half of what is free
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        memory = available_memory_bytes() // (2 * local)
+    else:
+        memory = int(args.cache_memory_gb * (1 << 30))
+    cache = DocStateCache(reader, memory, state_dir, int(args.cache_disk_gb * (1 << 30)))
+    if is_main:
+        disk = f"{args.cache_disk_gb} GB in {state_dir}"
+        print(f"document states: {memory / 2**30:.1f} GiB in memory, then {disk}")
     train_cache = None if args.no_doc_cache else cache
 
     signals: dict[str, torch.Tensor] = {}
@@ -365,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             if better(result["summary"], state["best"] and state["best"]["summary"], args.select_by):
                 state["best"] = {**result, "update": state["update"], "epoch": state["epoch"]}
                 best_weights = copy.deepcopy({k: v.cpu() for k, v in reranker.state_dict().items()})
+        return_free_memory()  # evaluation's transients differ from training's: return them
         barrier(world)
 
     if state["update"] == 0 and state["best"] is None:
@@ -423,7 +445,6 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                return_free_memory()
                 state["update"] += 1
                 state["step"] = step + 1
                 elapsed = time.perf_counter() - t_start

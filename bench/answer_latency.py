@@ -1,0 +1,255 @@
+"""``/answer`` time to first token and total latency, with and without cached document states, against a
+plain concatenated-prompt RAG baseline (Hugging Face ``generate`` on the same model and documents).
+
+Workload: shipped HotpotQA dev questions against the demo index (``make index``), 20 candidates, k = 3, the
+default reader (SmolLM2-135M-Instruct) and reranker, greedy answers of at most 32 tokens. Medians over
+repeated runs:
+
+* end to end over HTTP, streamed (SSE), our service on loopback: time to the first ``token`` event and to the
+  ``done`` event,
+  - with document states cached (every question asked once beforehand; what
+    ``GRERANK_PRECOMPUTE_READER_STATES`` gives for every indexed document),
+  - computing them per query (``GRERANK_READER_CACHE_MB=0``);
+* in process, the reader alone on the three documents ``/answer`` chose: first token and full answer from
+  (a) cached document states: only the question and answer tokens run, (b) our parallel document encoding
+  computed on the spot, (c) the baseline: the same prompt text concatenated and run through
+  ``model.generate`` (greedy; its first token is the second ``streamer.put`` call). The baseline's end-to-end
+  time to first token is (c) plus our service's median embed + retrieve + rerank time: it would retrieve and
+  rerank the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from grerank import qa_data
+from grerank.decoder_reader import DecoderReader
+from grerank.passage import Passage
+from service.document_index import STORE_FILE
+from service.models import load_reader, resolve_bf16
+from service.settings import Settings
+from tests.uvicorn_server import ROOT, Server
+
+CANDIDATES = 20
+TOP_K = 3
+MAX_NEW_TOKENS = 32
+
+
+def index_dir() -> Path:
+    return Path(os.environ.get("GRERANK_INDEX_DIR", ROOT / "var" / "index"))
+
+
+@contextmanager
+def service(folder: Path, **env: str) -> Iterator[str]:
+    server_env = {
+        "GRERANK_INDEX_DIR": str(index_dir()),
+        "GRERANK_READER_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+        "GRERANK_LOG_LEVEL": "warning",
+        **env,
+    }
+    server = Server(server_env, folder / "server.log").start()
+    try:
+        server.wait_ready(timeout=600)
+        yield server.url
+    finally:
+        server.stop()
+
+
+def ask(client: httpx.Client, question: str) -> dict[str, Any]:
+    """One streamed /answer: seconds to the first token and to the end, and the final response."""
+    body = {"query": question, "candidates": CANDIDATES, "top_k": TOP_K, "stream": True}
+    start = time.perf_counter()
+    first = None
+    event = None
+    with client.stream("POST", "/answer", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+                if event == "token" and first is None:
+                    first = time.perf_counter() - start
+            elif line.startswith("data: ") and event in ("done", "error"):
+                data = json.loads(line.removeprefix("data: "))
+                if event == "error":
+                    raise RuntimeError(f"/answer failed: {data}")
+                total = time.perf_counter() - start
+                return {"ttft": first if first is not None else total, "total": total, "response": data}
+    raise RuntimeError("/answer stream ended without a done event")
+
+
+def http_runs(url: str, questions: list[str], passes: int, warm_first: bool) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=600) as client:
+        ask(client, "warm-up question about nothing in particular")
+        if warm_first:
+            for question in questions:
+                ask(client, question)
+        runs = [[ask(client, q) for q in questions] for _ in range(passes)]
+    flat = [r for run in runs for r in run]
+    stages = ("embed", "retrieve", "rerank")
+    pre_read = [sum(r["response"]["timings_ms"].get(s, 0.0) for s in stages) for r in flat]
+    return {
+        "ttft_ms": 1000 * statistics.median(r["ttft"] for r in flat),
+        "total_ms": 1000 * statistics.median(r["total"] for r in flat),
+        "retrieve_rerank_ms": statistics.median(pre_read),
+        "requests": len(flat),
+        "citations": [r["response"]["citations"] for r in runs[0]],
+    }
+
+
+class FirstTokenClock:
+    """A ``generate`` streamer noting when the first new token arrives (its first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def concatenated_ids(reader: DecoderReader, question: str, passages: list[Passage]) -> torch.Tensor:
+    """The same prompt as the parallel reader's, as one ordinary causal sequence."""
+    ids = list(reader.prefix_ids)
+    for passage in passages:
+        ids += reader.document_ids(passage)
+    ids += reader._question_ids(question)
+    return torch.tensor([ids], device=reader.device)
+
+
+@torch.no_grad()
+def reader_alone(reader: DecoderReader, cases: list[tuple[str, list[Passage]]], repeats: int) -> dict:
+    Seconds = tuple[float, float]  # to the first token, to the end
+
+    def ours(question: str, passages: list[Passage], states: list[torch.Tensor] | None) -> Seconds:
+        start = time.perf_counter()
+        first = None
+        if states is None:
+            states = reader.encode_documents(passages, batch_size=1)
+        for _ in reader.stream_answer(question, states, MAX_NEW_TOKENS):
+            first = first or time.perf_counter()
+        end = time.perf_counter()
+        return (first or end) - start, end - start
+
+    def baseline(question: str, passages: list[Passage]) -> Seconds:
+        clock = FirstTokenClock()
+        ids = concatenated_ids(reader, question, passages)
+        start = time.perf_counter()
+        reader.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=sorted(reader.eos_ids),
+            pad_token_id=reader.tokenizer.pad_token_id or 0,
+            streamer=clock,
+        )
+        end = time.perf_counter()
+        return (clock.first or end) - start, end - start
+
+    cached = {q: reader.encode_documents(p, batch_size=1) for q, p in cases}
+    measures: dict[str, list[Seconds]] = {"cached": [], "encoded": [], "baseline": []}
+    ours(*cases[0], None), baseline(*cases[0])  # warm-up
+    for _ in range(repeats):
+        for question, passages in cases:
+            measures["cached"].append(ours(question, passages, cached[question]))
+            measures["encoded"].append(ours(question, passages, None))
+            measures["baseline"].append(baseline(question, passages))
+    prompt_tokens = [concatenated_ids(reader, q, p).shape[1] for q, p in cases]
+    return {
+        "prompt_tokens_median": statistics.median(prompt_tokens),
+        **{
+            name: {
+                "ttft_ms": 1000 * statistics.median(t for t, _ in values),
+                "total_ms": 1000 * statistics.median(t for _, t in values),
+            }
+            for name, values in measures.items()
+        },
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    if not (index_dir() / STORE_FILE).is_file():
+        raise RuntimeError(f"no index in {index_dir()}: run `make index` first")
+    count, passes = (6, 1) if quick else (20, 2)
+    questions = [ex.question for ex in qa_data.load_examples(qa_data.split_path("dev"), count)]
+    with tempfile.TemporaryDirectory(prefix="grerank-bench-") as tmp:
+        with service(Path(tmp)) as url:
+            warm = http_runs(url, questions, passes, warm_first=True)
+        with service(Path(tmp), GRERANK_READER_CACHE_MB="0") as url:
+            cold = http_runs(url, questions, passes, warm_first=False)
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = Settings()
+    device = torch.device("cpu")
+    reader, _ = load_reader(settings, device, resolve_bf16(settings.precision, device))
+    cases = [
+        (q, [Passage(c["title"], c["text"]) for c in citations])
+        for q, citations in zip(questions, warm["citations"], strict=True)
+    ]
+    alone = reader_alone(reader, cases, passes)
+    baseline_ttft = warm["retrieve_rerank_ms"] + alone["baseline"]["ttft_ms"]
+    for result in (warm, cold):
+        result.pop("citations")
+    return {
+        "workload": {
+            "questions": count,
+            "passes": passes,
+            "candidates": CANDIDATES,
+            "top_k": TOP_K,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "dtype": str(reader.dtype).removeprefix("torch."),
+        },
+        "http": {"cached_states": warm, "states_per_query": cold},
+        "reader_alone": alone,
+        "summary": {
+            "baseline_end_to_end_ttft_ms": baseline_ttft,
+            "ttft_speedup_end_to_end": baseline_ttft / warm["ttft_ms"],
+            "ttft_speedup_reader_alone": alone["baseline"]["ttft_ms"] / alone["cached"]["ttft_ms"],
+        },
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    w, http, alone, s = result["workload"], result["http"], result["reader_alone"], result["summary"]
+
+    def row(name: str, figures: dict[str, float]) -> str:
+        return f"| {name} | {figures['ttft_ms']:.0f} | {figures['total_ms']:.0f} |"
+
+    return "\n".join(
+        [
+            f"{w['questions']} dev questions x {w['passes']} passes, {w['candidates']} candidates, "
+            f"k = {w['top_k']}, at most {w['max_new_tokens']} answer tokens, {w['dtype']}; "
+            f"median prompt of the concatenated baseline: {alone['prompt_tokens_median']:.0f} tokens.",
+            "",
+            "| end to end (HTTP, streamed) | time to first token (ms) | total (ms) |",
+            "|---|---|---|",
+            row("/answer, document states cached", http["cached_states"]),
+            row("/answer, states computed per query", http["states_per_query"]),
+            f"| baseline: same retrieval + rerank ({http['cached_states']['retrieve_rerank_ms']:.0f} ms), "
+            f"HF `generate` on the concatenated prompt | {s['baseline_end_to_end_ttft_ms']:.0f} | |",
+            "",
+            "| reader alone, same 3 documents | time to first token (ms) | total (ms) |",
+            "|---|---|---|",
+            row("cached document states (question + answer tokens only)", alone["cached"]),
+            row("parallel document encoding on the spot", alone["encoded"]),
+            row("baseline: HF `generate`, concatenated prompt", alone["baseline"]),
+            "",
+            f"Time to first token, baseline / cached: **{s['ttft_speedup_end_to_end']:.1f}x** end to end, "
+            f"**{s['ttft_speedup_reader_alone']:.1f}x** for the reader alone.",
+        ]
+    )
