@@ -61,6 +61,10 @@ class DocStateCache:
             files = sorted(self._disk.glob("*.pt"), key=lambda f: f.stat().st_mtime)
             self._disk_files.update((f.name, f.stat().st_size) for f in files)
         self.disk_bytes = sum(self._disk_files.values())
+        # With a disk tier on the CPU, the memory tier holds memory-mapped files: page cache the kernel can
+        # reclaim, not heap. Thousands of multi-megabyte states interleaved with a training step's transients
+        # otherwise fragment the heap until the process is killed (24 GB resident for 12 GB of states).
+        self._mmap = self._disk is not None and reader.device.type == "cpu"
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -106,7 +110,7 @@ class DocStateCache:
         path = self._disk / f"{key}.pt" if self._disk else None
         if path is not None and path.is_file():
             try:
-                states = torch.load(path, map_location=self.reader.device, weights_only=True)
+                states = self._load(path)
             except (OSError, RuntimeError, EOFError):  # removed by another process, or a damaged file
                 states = None
             if states is not None:
@@ -120,14 +124,19 @@ class DocStateCache:
         self.misses += 1
         return None
 
+    def _load(self, path: Path) -> torch.Tensor:
+        return torch.load(path, map_location=self.reader.device, weights_only=True, mmap=self._mmap)
+
     def _store(self, key: str, states: torch.Tensor) -> None:
-        self._remember(key, states)
         if self._disk is None or _nbytes(states) > self.disk_budget:
+            self._remember(key, states)
             return
         path = self._disk / f"{key}.pt"
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         torch.save(states, tmp)
         os.replace(tmp, path)  # readers never see a half-written file
+        # The file's mapping, not this heap copy, is what stays (still in the page cache: no read).
+        self._remember(key, self._load(path) if self._mmap else states)
         with self._lock:
             self._disk_files[path.name] = path.stat().st_size
             self.disk_bytes = sum(self._disk_files.values())
