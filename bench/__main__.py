@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: {status} ({outcome.get('seconds', 0)} s)", file=sys.stderr, flush=True)
         if status == "skipped":
             print(f"[bench] {name}: {outcome['skipped']}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "bench.md").write_text(render(report) + "\n")
+        # Written after every benchmark: a long run stopped part-way keeps what it measured.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "bench.md").write_text(render(report) + "\n")
     print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}", file=sys.stderr)
     return 1 if any("error" in o for o in report["benchmarks"].values()) else 0
 
