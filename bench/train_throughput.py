@@ -32,6 +32,7 @@ def passes(questions: int, use_cache: bool, batch_size: int = 4) -> list[float]:
     generator = torch.Generator().manual_seed(0)
     autocast = dtype if dtype == torch.bfloat16 else None
     rates = []
+    torch.set_grad_enabled(True)  # another benchmark of the same process may have turned it off
     for _ in range(2):
         start = time.perf_counter()
         for i in range(0, len(examples), batch_size):
