@@ -25,21 +25,21 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
+from bench.local_service import serving
 from grerank import qa_data
 from grerank.decoder_reader import DecoderReader
 from grerank.passage import Passage
 from service.document_index import STORE_FILE
 from service.models import load_reader, resolve_bf16
 from service.settings import Settings
-from tests.uvicorn_server import ROOT, Server
+from tests.uvicorn_server import ROOT
 
 CANDIDATES = 20
 TOP_K = 3
@@ -50,20 +50,9 @@ def index_dir() -> Path:
     return Path(os.environ.get("GRERANK_INDEX_DIR", ROOT / "var" / "index"))
 
 
-@contextmanager
-def service(folder: Path, **env: str) -> Iterator[str]:
-    server_env = {
-        "GRERANK_INDEX_DIR": str(index_dir()),
-        "GRERANK_READER_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
-        "GRERANK_LOG_LEVEL": "warning",
-        **env,
-    }
-    server = Server(server_env, folder / "server.log").start()
-    try:
-        server.wait_ready(timeout=600)
-        yield server.url
-    finally:
-        server.stop()
+def service(folder: Path, **env: str) -> AbstractContextManager[str]:
+    base = {"GRERANK_INDEX_DIR": str(index_dir()), "GRERANK_READER_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}
+    return serving({**base, **env}, folder / "server.log")
 
 
 def ask(client: httpx.Client, question: str) -> dict[str, Any]:

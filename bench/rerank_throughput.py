@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import torch
 
+from bench.local_service import serving
 from bench.stats import medians, percentile, summary
 from grerank import model_paths, qa_data
 from grerank.reranker import build_reranker
@@ -48,7 +49,7 @@ from service.batching_queue import rerank_inline
 from service.metrics import Metrics
 from service.rerank_backend import RerankBackend
 from service.settings import Settings
-from tests.uvicorn_server import ROOT, Server, free_port
+from tests.uvicorn_server import ROOT, free_port
 
 CONCURRENCY = (1, 8, 32)
 DOCUMENTS = 20
@@ -200,22 +201,15 @@ def _busy(before: dict[str, float], after: dict[str, float], wall: float) -> dic
     }
 
 
-@contextmanager
-def our_service(folder: Path) -> Iterator[str]:
+def our_service(folder: Path) -> AbstractContextManager[str]:
     env = {
         "GRERANK_RERANKER": RERANKER,
         "GRERANK_EMBEDDER": RERANKER,
         "GRERANK_READER": READER,
         "GRERANK_INDEX_DIR": str(folder / "index"),
         "GRERANK_MAX_QUEUE": "64",  # above the 32 clients: no 429 from a response racing the next request
-        "GRERANK_LOG_LEVEL": "warning",
     }
-    server = Server(env, folder / "server.log").start()
-    try:
-        server.wait_ready(timeout=600)
-        yield server.url
-    finally:
-        server.stop()
+    return serving(env, folder / "server.log")
 
 
 # ---- the model alone, in process ----
