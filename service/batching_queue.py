@@ -9,10 +9,9 @@ traffic delays other work by at most one pass. Each turn:
 1. tokenizes the requests that arrived since the last turn (on the worker thread: tokenizers must not be
    shared between threads); their rerank stage, and its time limit, starts here;
 2. fails the requests over their time limit (504) or no longer awaited;
-3. runs one pass: the padded width of the oldest waiting sequence, filled with the oldest waiting
-   sequences of that width, from any request, up to ``GRERANK_MAX_BATCH_TOKENS`` tokens and
-   ``GRERANK_RERANK_BATCH_SIZE`` texts. Grouping by width is the length sort: sequences of similar length
-   share a pass, and padding is at most ``WIDTH_STEP - 1`` tokens a sequence;
+3. runs one pass over the oldest waiting sequences, from any request and of any lengths, up to
+   ``GRERANK_MAX_BATCH_TOKENS`` tokens and ``GRERANK_RERANK_BATCH_SIZE`` texts. The backend packs them end
+   to end, so there is no padding to sort by length against;
 4. answers every request whose last sequence was in the pass.
 
 Scores do not depend on the batching: :mod:`service.rerank_backend` makes each sequence's output a function
@@ -28,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
 import threading
 import time
@@ -101,40 +99,36 @@ class QueuedRequest(RerankJob):
 
 
 class PassPlanner:
-    """Waiting sequences by padded width, oldest first. A pass takes the width of the oldest waiting
-    sequence and the oldest sequences of that width, up to ``max_tokens`` (texts x width) and ``max_rows``."""
+    """Waiting sequences, oldest first. A pass takes the oldest, whatever their lengths (the backend packs
+    them without padding), up to ``max_tokens`` tokens and ``max_rows`` sequences."""
 
     def __init__(self, max_tokens: int, max_rows: int) -> None:
         self.max_tokens = max_tokens
         self.max_rows = max_rows
-        self._by_width: dict[int, deque[tuple[int, RerankJob, int]]] = {}
-        self._arrival = itertools.count()
+        self._waiting: deque[tuple[RerankJob, int]] = deque()
 
     def __bool__(self) -> bool:
-        return bool(self._by_width)
+        return bool(self._waiting)
 
     def add(self, job: RerankJob) -> None:
-        sequences = job.sequences
-        for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids)):
-            width = RerankBackend.width(sequences[i])
-            self._by_width.setdefault(width, deque()).append((next(self._arrival), job, i))
+        self._waiting.extend((job, i) for i in range(len(job.sequences)))
 
     def next_pass(self) -> list[tuple[RerankJob, int]]:
-        """The next pass: ``(job, sequence index)`` pairs of one width; empty when nothing is waiting."""
-        while self._by_width:
-            width = min(self._by_width, key=lambda w: self._by_width[w][0][0])
-            waiting = self._by_width[width]
-            limit = max(1, min(self.max_rows, self.max_tokens // width))
-            entries: list[tuple[RerankJob, int]] = []
-            while waiting and len(entries) < limit:
-                _, job, i = waiting.popleft()
-                if not job.abandoned:
-                    entries.append((job, i))
-            if not waiting:
-                del self._by_width[width]
-            if entries:
-                return entries
-        return []
+        """The next pass: ``(job, sequence index)`` pairs; empty when nothing is waiting."""
+        entries: list[tuple[RerankJob, int]] = []
+        tokens = 0
+        while self._waiting and len(entries) < self.max_rows:
+            job, i = self._waiting[0]
+            if job.abandoned:
+                self._waiting.popleft()
+                continue
+            length = len(job.sequences[i].ids)
+            if entries and tokens + length > self.max_tokens:
+                break
+            self._waiting.popleft()
+            entries.append((job, i))
+            tokens += length
+        return entries
 
 
 def run_pass(
@@ -146,7 +140,7 @@ def run_pass(
     outputs = backend.forward(sequences)
     metrics.forward_seconds.labels("rerank").observe(time.perf_counter() - start)
     metrics.batch_size.labels("rerank").observe(len(entries))
-    metrics.batch_tokens.labels("rerank").observe(len(entries) * backend.width(sequences[0]))
+    metrics.batch_tokens.labels("rerank").observe(sum(len(s.ids) for s in sequences))
     completed = []
     for row, (job, i) in enumerate(entries):
         job.outputs[i] = outputs[row]

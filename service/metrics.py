@@ -49,7 +49,7 @@ class Metrics:
         )
         self.batch_tokens = Histogram(
             "grerank_batch_tokens",
-            "Tokens per model forward pass (texts x padded width), by stage.",
+            "Tokens per model forward pass, by stage.",
             ["stage"],
             buckets=_TOKEN_BUCKETS,
             registry=r,

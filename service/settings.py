@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         8192,
         ge=256,
-        description="Tokens (texts x padded width) per reranker forward pass; the rerank work of concurrent "
+        description="Tokens per reranker forward pass; the rerank work of concurrent "
         "requests shares passes up to it. Larger: more throughput, a longer wait for other model work.",
     )
     embed_batch_size: int = Field(32, ge=1, description="Texts per embedder forward pass when indexing.")

@@ -1,6 +1,7 @@
-"""The rerank batching queue: a request's scores are the same bits alone and batched with others, passes
-respect the token budget and hold sequences of one width, the queue is bounded (429), a request's own error
-reaches that request only (4xx), a stage over its limit is a 504, and other model work still gets its turn."""
+"""The rerank batching queue: a request's scores are the same bits alone and batched with others, the
+backend's packed forward matches Hugging Face's, passes respect the token budget, the queue is bounded
+(429), a request's own error reaches that request only (4xx), a stage over its limit is a 504, and other
+model work still gets its turn."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, RobertaConfig
 
 from grerank import model_paths, qa_data
-from grerank.reranker import build_reranker
+from grerank.reranker import CrossEncoderReranker, build_reranker
 from service.batching_queue import BatchingQueue, PassPlanner, QueueFull, RerankJob, rerank_inline
 from service.metrics import Metrics
 from service.model_worker import ModelWorker
 from service.request_limits import RequestRejected
-from service.rerank_backend import ROWS_PER_BLOCK, WIDTH_STEP, Encoded, RerankBackend
+from service.rerank_backend import TOKENS_PER_BLOCK, Encoded, RerankBackend
 from service.stage_timeouts import StageTimeout
 from service.truncation import TruncationPolicy
 from tests.test_hardening_faults import serving, settings_for
@@ -121,18 +123,15 @@ def test_scores_are_the_same_bits_alone_and_batched_across_requests(
 
 @pytest.mark.real_models
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("width", [16, 128])
-def test_default_minilm_outputs_do_not_depend_on_pass_companions(dtype: torch.dtype, width: int) -> None:
-    """With the default MiniLM, where plain batching changes bits (a 16-token sequence alone makes 128-row
-    GEMMs, in a full pass 1024-row ones, and MKL and oneDNN round those differently), the blocked backend
-    does not."""
+def test_default_minilm_outputs_do_not_depend_on_pass_companions(dtype: torch.dtype) -> None:
+    """With the default MiniLM, where plain batching changes bits (a 16-token sequence alone makes 16-row
+    GEMMs, in a full pass 8192-row ones, and MKL and oneDNN round those differently), the packed backend
+    does not: a sequence gets the same bits alone and at any offset among companions of any lengths."""
     reranker = build_reranker("bi-encoder", model_paths.resolve("reranker"))
     backend = RerankBackend(reranker, dtype)
     rng = random.Random(0)
-    # Real text cut to lengths of one width, with and without padding.
-    long = [s.ids for s in backend.encode("q", corpus_texts(200)) if len(s.ids) >= width]
-    sequences = [Encoded(ids[: rng.randint(width - WIDTH_STEP, width - 1)] + ids[-1:]) for ids in long]
-    assert len(sequences) >= 40 and {backend.width(s) for s in sequences} == {width}
+    sequences = backend.encode("q", corpus_texts(200))
+    assert len({len(s.ids) for s in sequences}) > 50  # many lengths, up to the 256-token limit
     reference = {i: backend.forward([sequences[i]])[0] for i in range(6)}
     for size in (2, 9, 40, len(sequences)):
         chosen = rng.sample(range(len(sequences)), size)
@@ -143,10 +142,26 @@ def test_default_minilm_outputs_do_not_depend_on_pass_companions(dtype: torch.dt
                 assert torch.equal(out[row], reference[i]), (size, row)
 
 
+@pytest.mark.parametrize("architecture", ["bert", "roberta"])
+def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, architecture: str) -> None:
+    """The backend's own encoder forward against the Hugging Face model it was copied from (fp32)."""
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    config_class = BertConfig if architecture == "bert" else RobertaConfig
+    config = config_class(vocab_size=30522, pad_token_id=0, num_labels=1, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    reranker = CrossEncoderReranker(model, AutoTokenizer.from_pretrained(tokenizer_dir), "tiny", 128)
+    backend = RerankBackend(reranker, torch.float32)
+    query, texts = REQUESTS[0]
+    with torch.no_grad():
+        expected = reranker([query], [texts])[0]
+    assert torch.allclose(backend.scores(backend.forward(backend.encode(query, texts))), expected, atol=1e-5)
+
+
 # ---- pass planning ----
 
 
-def test_passes_respect_the_token_budget_and_hold_one_width() -> None:
+def test_passes_respect_the_token_budget_and_the_row_limit() -> None:
     rng = random.Random(0)
     planner = PassPlanner(max_tokens=256, max_rows=5)
     jobs = []
@@ -155,31 +170,27 @@ def test_passes_respect_the_token_budget_and_hold_one_width() -> None:
         job.start([Encoded([0] * rng.randint(1, 300)) for _ in range(rng.randint(1, 30))])
         planner.add(job)
         jobs.append(job)
-    seen = set()
+    seen = []
     while entries := planner.next_pass():
-        widths = {RerankBackend.width(job.sequences[i]) for job, i in entries}
-        assert len(widths) == 1  # one width a pass: sequences of similar length together
-        width = widths.pop()
-        assert len(entries) <= 5 and (len(entries) * width <= 256 or len(entries) == 1)
-        for job, i in entries:
-            assert 0 <= width - len(job.sequences[i].ids) < WIDTH_STEP  # little padding
-            seen.add((id(job), i))
-    assert seen == {(id(job), i) for job in jobs for i in range(len(job.sequences))}
+        tokens = sum(len(job.sequences[i].ids) for job, i in entries)
+        assert len(entries) <= 5 and (tokens <= 256 or len(entries) == 1)  # a longer one goes alone
+        seen += [(id(job), i) for job, i in entries]
+    assert seen == [(id(job), i) for job in jobs for i in range(len(job.sequences))]  # each once, in order
 
 
-def test_the_oldest_waiting_sequence_goes_first() -> None:
-    planner = PassPlanner(max_tokens=10_000, max_rows=100)
+def test_the_oldest_waiting_sequences_go_first_whatever_their_lengths() -> None:
+    planner = PassPlanner(max_tokens=150, max_rows=100)
     first, second = RerankJob(), RerankJob()
     first.start([Encoded([0] * 100)])
     second.start([Encoded([0] * 10), Encoded([0] * 100)])
     planner.add(first)
     planner.add(second)
-    assert [(job, i) for job, i in planner.next_pass()] == [(first, 0), (second, 1)]  # width 112, together
-    assert planner.next_pass() == [(second, 0)]
+    assert planner.next_pass() == [(first, 0), (second, 0)]  # 110 tokens; the next would pass 150
+    assert planner.next_pass() == [(second, 1)]
     assert not planner and planner.next_pass() == []
 
 
-def test_passes_are_padded_to_whole_blocks_and_stay_within_the_budget(tiny_bert_dir: Path) -> None:
+def test_passes_stay_within_the_budget_and_are_measured(tiny_bert_dir: Path) -> None:
     reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
     with queue_for(reranker, torch.float32) as served:
         with worker_held(served.worker):
@@ -187,12 +198,13 @@ def test_passes_are_padded_to_whole_blocks_and_stay_within_the_budget(tiny_bert_
         for future in futures:
             future.result(timeout=120)
     for sequences in served.passes:
-        width = served.backend.width(sequences[0])
-        assert len(sequences) <= MAX_ROWS and len(sequences) * width <= MAX_TOKENS
+        tokens = sum(len(s.ids) for s in sequences)
+        assert len(sequences) <= MAX_ROWS and (tokens <= MAX_TOKENS or len(sequences) == 1)
+    # Mixed lengths share passes: far fewer passes than distinct lengths.
+    lengths = {len(s.ids) for sequences in served.passes for s in sequences}
+    assert len(served.passes) < len(lengths) / 2
     text = served.metrics.render().decode()
     assert 'grerank_batch_tokens_bucket{le="512.0",stage="rerank"}' in text
-    assert 'grerank_batch_tokens_bucket{le="256.0",stage="rerank"}' in text
-    assert ROWS_PER_BLOCK == 8  # the block size the docs and the bench describe
 
 
 # ---- bounds, errors, time limits, fairness ----
@@ -291,4 +303,4 @@ def test_http_status_of_queue_errors(tiny_bert_dir: Path, tiny_llama_dir: Path, 
         assert rejected.status_code == 400 and "unreadable" in rejected.json()["detail"]
         queue.backend.encode = encode
         assert client.post("/rerank", json=body).status_code == 200
-        assert client.get("/info").json()["rerank_batching"]["rows_per_block"] == ROWS_PER_BLOCK
+        assert client.get("/info").json()["rerank_batching"]["tokens_per_block"] == TOKENS_PER_BLOCK
