@@ -38,12 +38,15 @@ def metric(result: dict, section: str, name: str, group: str = "all") -> dict | 
 
 
 def load_results(folder: Path) -> dict[str, list[dict]]:
-    """Dev results grouped by method, in the order methods first appear (file names sort seeds)."""
+    """Dev results grouped by method: the grid's methods in its order, then any others by name."""
+    from training.experiments import METHODS  # imports this module: import here, not at the top
+
     methods: dict[str, list[dict]] = {}
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):  # file names sort seeds
         result = json.loads(path.read_text())
         methods.setdefault(result.get("method", result["name"]), []).append(result)
-    return methods
+    rank = {m.name: i for i, m in enumerate(METHODS)}
+    return dict(sorted(methods.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
 def cell(results: list[dict], section: str, name: str, group: str = "all") -> tuple[str, float | None]:
