@@ -4,6 +4,9 @@
     python -m bench --quick               # smaller versions, for development
     python -m bench --only rerank_throughput --only faiss_retrieval
 
+``--only`` re-runs some benchmarks and keeps the others' results from an earlier ``bench.json`` in the same
+folder; every section records the command and the time it was measured with.
+
 Each benchmark is a module of this package (see ``bench/__init__.py``); one that is not there yet is skipped
 with a message, one that fails is reported with its error, and the others still run.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -24,21 +28,24 @@ from bench import environment
 BENCHMARKS = ("rerank_throughput", "faiss_retrieval", "answer_latency", "train_throughput")
 
 
-def run_one(name: str, quick: bool) -> dict[str, Any]:
-    """``{"result": ...}``, ``{"skipped": why}`` or ``{"error": traceback}``, with the seconds it took."""
+def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:
+    """``{"result": ...}``, ``{"skipped": why}`` or ``{"error": traceback}``, with the seconds it took, the
+    command and the start time."""
+    stamp = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    stamp["load_average_1m"] = environment.machine().get("load_average_1m")
     started = time.perf_counter()
     try:
         module = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as exc:
         if exc.name != f"bench.{name}":
             raise
-        return {"skipped": f"bench/{name}.py does not exist yet"}
+        return {"skipped": f"bench/{name}.py does not exist yet", **stamp}
     try:
         outcome: dict[str, Any] = {"result": module.run(quick)}
     except Exception:
         outcome = {"error": traceback.format_exc()}
     outcome["seconds"] = round(time.perf_counter() - started, 1)
-    return outcome
+    return outcome | stamp
 
 
 def render(report: dict[str, Any]) -> str:
@@ -59,6 +66,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     for name, outcome in report["benchmarks"].items():
         lines += [f"## {name}", ""]
+        if "command" in outcome:
+            lines += [f"Measured by `{outcome['command']}`, started {outcome['started']}.", ""]
         if "skipped" in outcome:
             lines += [f"Skipped: {outcome['skipped']}.", ""]
         elif "error" in outcome:
@@ -79,17 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of the results")
     args = parser.parse_args(argv)
+    command = environment.command() if argv is None else shlex.join(["python", "-m", "bench", *argv])
     report: dict[str, Any] = {
-        "command": environment.command(),
+        "command": command,
         "quick": args.quick,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": environment.machine(),
         "versions": environment.versions(),
         "benchmarks": {},
     }
+    earlier = args.out / "bench.json"
+    if args.only and earlier.is_file():  # keep what the other benchmarks measured before
+        kept = json.loads(earlier.read_text())["benchmarks"]
+        report["benchmarks"] = {n: kept[n] for n in BENCHMARKS if n in kept and n not in args.only}
     for name in args.only or BENCHMARKS:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        outcome = report["benchmarks"][name] = run_one(name, args.quick)
+        outcome = report["benchmarks"][name] = run_one(name, args.quick, command)
+        report["benchmarks"] = {n: report["benchmarks"][n] for n in BENCHMARKS if n in report["benchmarks"]}
         status = next(k for k in ("skipped", "error", "result") if k in outcome)
         print(f"[bench] {name}: {status} ({outcome.get('seconds', 0)} s)", file=sys.stderr, flush=True)
         if status == "skipped":

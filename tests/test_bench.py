@@ -44,3 +44,15 @@ def test_harness_reports_a_failing_benchmark_and_still_writes_the_others(tmp_pat
     assert "no index here" in report["benchmarks"]["faiss_retrieval"]["error"]
     assert report["machine"] and report["versions"]["torch"]
     assert "no index here" in (tmp_path / "bench.md").read_text()
+
+
+def test_rerunning_one_benchmark_keeps_the_others_results(tmp_path: Path, monkeypatch) -> None:
+    earlier = {"benchmarks": {"train_throughput": {"skipped": "measured before", "seconds": 1.0}}}
+    (tmp_path / "bench.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(faiss_retrieval, "run", lambda quick: (_ for _ in ()).throw(RuntimeError("again")))
+    harness.main(["--quick", "--only", "faiss_retrieval", "--out", str(tmp_path)])
+    benchmarks = json.loads((tmp_path / "bench.json").read_text())["benchmarks"]
+    assert list(benchmarks) == ["faiss_retrieval", "train_throughput"]  # the harness's order
+    assert benchmarks["train_throughput"]["skipped"] == "measured before"
+    assert "--only faiss_retrieval" in benchmarks["faiss_retrieval"]["command"]
+    assert "measured before" in (tmp_path / "bench.md").read_text()
