@@ -164,18 +164,25 @@ def plot_curves(runs: Path, path: Path) -> bool:
     logs = sorted(runs.glob("*/log.jsonl"))
     if not logs:
         return False
-    fig, (loss_ax, nll_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (loss_ax, nll_ax, recall_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    window = 15  # updates; one update's loss is a batch of 4 questions, far too noisy to read
     for log in logs:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         train = [r for r in rows if r["type"] == "train"]
         evals = [r for r in rows if r["type"] == "eval" and "reader_nll" in r]
-        loss_ax.plot([r["update"] for r in train], [r["loss"] for r in train], label=log.parent.name, lw=0.8)
-        nll_ax.plot(
-            [r["update"] for r in evals], [r["reader_nll"] for r in evals], marker="o", label=log.parent.name
-        )
-    loss_ax.set(title="training loss (each run's objective)", xlabel="update", yscale="symlog")
+        if len(train) >= window:
+            losses = [r["loss"] for r in train]
+            smooth = [statistics.fmean(losses[i - window : i]) for i in range(window, len(losses) + 1)]
+            updates = [r["update"] for r in train[window - 1 :]]
+            loss_ax.plot(updates, [v / smooth[0] for v in smooth], label=log.parent.name, lw=1)
+        at = [r["update"] for r in evals]
+        nll_ax.plot(at, [r["reader_nll"] for r in evals], marker="o", label=log.parent.name)
+        recall_ax.plot(at, [r["answer_recall@1"] for r in evals], marker="o", label=log.parent.name)
+    # Objectives differ in scale (answer NLL, KL, BCE): each curve is relative to its own start.
+    loss_ax.set(title=f"training loss, mean of {window} updates, / its first value", xlabel="update")
     nll_ax.set(title="dev reader NLL at top-k (lower is better)", xlabel="update")
-    nll_ax.legend(fontsize=7)
+    recall_ax.set(title="dev answer-bearing Recall@1", xlabel="update")
+    recall_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
