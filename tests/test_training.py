@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grerank.artifact import load_artifact
 from grerank.decoder_reader import DecoderReader
 from grerank.doc_state_cache import DocStateCache
 from grerank.reranker import build_reranker
@@ -102,6 +103,22 @@ def test_resume_continues_from_the_checkpoint(
     assert updates == [1, 2, 3, 4]  # the first epoch is not repeated
     manifest = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
     assert manifest["training"]["updates"] == 4
+    # Resuming a finished run only rewrites the artifact: --mix-start 1 gives back the starting weights.
+    mix = ["--mix-start", "1", "--artifact", str(tmp_path / "m")]
+    training.main([*common, "--epochs", "2", "--resume", *mix])
+    start = build_reranker("bi-encoder", tiny_bert_dir).state_dict()
+    mixed, manifest = load_artifact(tmp_path / "m")
+    assert manifest["hyperparameters"]["mix_start"] == 1.0
+    assert all(torch.equal(v, start[k]) for k, v in mixed.state_dict().items())
+
+
+def test_mixing_interpolates_floating_weights_and_keeps_integer_buffers() -> None:
+    trained = {"w": torch.tensor([1.0, 3.0]), "ids": torch.tensor([0, 1])}
+    start = {"w": torch.tensor([3.0, 7.0]), "ids": torch.tensor([5, 5])}
+    assert training.mixed(trained, start, 0.0) is trained
+    half = training.mixed(trained, start, 0.5)
+    assert torch.equal(half["w"], torch.tensor([2.0, 5.0])) and torch.equal(half["ids"], trained["ids"])
+    assert torch.equal(training.mixed(trained, start, 1.0)["w"], start["w"])
 
 
 @pytest.mark.parametrize("objective", ["pdist", "emdr", "supervised"])

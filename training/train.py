@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "what the starting reranker knew (0 disables)",
     )
     g.add_argument("--anchor-temperature", type=float, default=0.1, help="softmax temperature of that KL")
+    g.add_argument(
+        "--mix-start",
+        type=float,
+        default=0.0,
+        help="write the artifact with (1 - MIX) x trained + MIX x starting weights: a mixture of the two "
+        "rerankers at no serving cost (WiSE-FT); the checkpoint is chosen before mixing; 0 disables",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-5)
     g.add_argument("--epochs", type=int, default=2)
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k > args.n:
         p.error(f"--k ({args.k}) cannot exceed --candidates ({args.n})")
+    if not 0.0 <= args.mix_start <= 1.0:
+        p.error(f"--mix-start must lie in [0, 1], not {args.mix_start}")
     return args
 
 
@@ -268,6 +277,19 @@ def evaluate(
     return {"summary": flat, "by_type": metrics}
 
 
+Weights = dict[str, torch.Tensor]
+
+
+def mixed(trained: Weights, start: Weights, mix: float) -> Weights:
+    """``(1 - mix) x trained + mix x start`` for every floating-point tensor (integer buffers as trained)."""
+    if mix == 0.0:
+        return trained
+    return {
+        name: torch.lerp(value, start[name].to(value.dtype), mix) if value.is_floating_point() else value
+        for name, value in trained.items()
+    }
+
+
 def better(new: dict, best: dict | None, key: str) -> bool:
     if best is None:
         return True
@@ -312,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     reranker_path = model_paths.resolve("reranker", args.reranker)
     reader_path = model_paths.resolve("reader", args.reader)
     reranker = build_reranker(args.reranker_arch, reranker_path).to(device)
+    start_weights = {k: v.detach().cpu().clone() for k, v in reranker.state_dict().items()}
     reader = load_reader(reader_path, args.reader_family, device, dtype)
     state_dir = Path(args.state_cache_dir)
     if args.cache_memory_gb is None:  # every process on this machine takes its share of half of what is free
@@ -465,14 +488,15 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         if state["history"][-1].get("type") != "eval":
             run_eval()
-        reranker.load_state_dict(best_weights)
+        reranker.load_state_dict(mixed(best_weights, start_weights, args.mix_start))
         artifact = Path(args.artifact) if args.artifact else out / "artifact"
         write_artifact(
             artifact,
             reranker,
             hyperparameters={k: getattr(args, k) for k in ("n", "k", "tau", "kappa", "anchor_weight", "lr")}
             | {"epochs": args.epochs, "batch_size": args.batch_size * world, "grad_accum": args.grad_accum}
-            | {"seed": args.seed, "select_by": args.select_by, "anchor_temperature": args.anchor_temperature},
+            | {"seed": args.seed, "select_by": args.select_by, "anchor_temperature": args.anchor_temperature}
+            | {"mix_start": args.mix_start},
             reader={
                 "model": str(args.reader),
                 "family": getattr(reader, "family", "decoder"),
