@@ -38,6 +38,8 @@ def test_grid_trains_evaluates_and_reports_every_method(
     assert len(rows) == 3 and rows[0].split(" | ")[1] == "2"  # one row per question group; 2 seeds
     assert "python -m training.evaluate --reranker bm25" in report
     assert re.search(r"- answer R@1: G-Rerank [\d.]+ (beats|does not beat) pdist [\d.]+\.", report)
+    assert "- Seeds behind these means: grerank 2, pdist 2" in report
+    assert report.index("| bm25 |") < report.index("| grerank |") < report.index("| pdist |")  # grid order
     for plot in ("metrics.png", "training_curves.png"):
         assert (tmp_path / "results" / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -126,6 +126,8 @@ def verdict(methods: dict[str, list[dict]], ours: str = "grerank") -> list[str]:
         if a is not None and b is not None:
             word = "within" if a >= b - 1.0 else "NOT within"
             lines.append(f"- {label}: G-Rerank {a:.1f} vs zero-shot {b:.1f}: {word} 1 point.")
+    seeds = [f"{m} {len(methods[m])}" for m in (ours, "pdist", "emdr") if m in methods]
+    lines.append(f"- Seeds behind these means: {', '.join(seeds)} (the checks want at least 2 each).")
     return [*lines, ""]
 
 
