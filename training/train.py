@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     reranker_path = model_paths.resolve("reranker", args.reranker)
     reader_path = model_paths.resolve("reader", args.reader)
     reranker = build_reranker(args.reranker_arch, reranker_path).to(device)
-    start_weights = {k: v.detach().cpu().clone() for k, v in reranker.state_dict().items()}
+    weights = reranker.state_dict().items()
+    start_weights = {k: v.detach().cpu().clone() for k, v in weights} if args.mix_start else {}
     reader = load_reader(reader_path, args.reader_family, device, dtype)
     state_dir = Path(args.state_cache_dir)
     if args.cache_memory_gb is None:  # every process on this machine takes its share of half of what is free
