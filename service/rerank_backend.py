@@ -133,9 +133,8 @@ class RerankBackend:
     def forward(self, sequences: Sequence[Encoded]) -> torch.Tensor:
         """One pass over sequences of any lengths: a float32 CPU row per sequence, the normalised mean-pooled
         embedding (bi-encoder) or the score logit (cross-encoder)."""
-        lengths = [len(s.ids) for s in sequences]
-        spans = list(zip(*_bounds(lengths), strict=True))
-        pad = whole_blocks(sum(lengths)) - sum(lengths)
+        spans = _spans([len(s.ids) for s in sequences])
+        pad = whole_blocks(spans[-1][1]) - spans[-1][1]
         ids, positions, types = [], [], []
         for s in sequences:
             ids += s.ids
@@ -188,7 +187,7 @@ class RerankBackend:
         return self.scale * outputs[1:] @ outputs[0]
 
 
-def _bounds(lengths: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Start and end row of each sequence packed back to back."""
+def _spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` rows of each sequence packed back to back."""
     ends = list(itertools.accumulate(lengths))
-    return [end - n for end, n in zip(ends, lengths, strict=True)], ends
+    return [(end - n, end) for end, n in zip(ends, lengths, strict=True)]
