@@ -247,7 +247,7 @@ def model_alone(backend: RerankBackend, work: Workload, repeats: int) -> dict[st
 
 def encoder_flops(backend: RerankBackend, work: Workload) -> float:
     """FLOPs of the encoder forward passes over every real (unpadded) token of ``work``."""
-    config = backend.model.config
+    config = backend.config
     layers, hidden, inner = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     total = 0.0
     for query, texts in zip(work.queries, work.documents, strict=True):

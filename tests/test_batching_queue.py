@@ -158,6 +158,19 @@ def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, archite
     assert torch.allclose(backend.scores(backend.forward(backend.encode(query, texts))), expected, atol=1e-5)
 
 
+
+def test_the_packed_bi_encoder_forward_reproduces_hugging_face(tiny_bert_dir: Path) -> None:
+    """Mean pooling over packed rows, across block boundaries (fp32): 31 texts fill more than one block."""
+    reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
+    backend = RerankBackend(reranker, torch.float32)
+    query, texts = REQUESTS[3]
+    sequences = backend.encode(query, texts)
+    assert sum(len(s.ids) for s in sequences) > TOKENS_PER_BLOCK
+    with torch.no_grad():
+        expected = reranker([query], [texts])[0]
+    assert torch.allclose(backend.scores(backend.forward(sequences)), expected, atol=1e-5)
+
+
 # ---- pass planning ----
 
 
