@@ -158,7 +158,6 @@ def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, archite
     assert torch.allclose(backend.scores(backend.forward(backend.encode(query, texts))), expected, atol=1e-5)
 
 
-
 def test_the_packed_bi_encoder_forward_reproduces_hugging_face(tiny_bert_dir: Path) -> None:
     """Mean pooling over packed rows, across block boundaries (fp32): 31 texts fill more than one block."""
     reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
