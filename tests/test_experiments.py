@@ -22,12 +22,12 @@ def test_grid_trains_evaluates_and_reports_every_method(
     train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(tiny_bert_dir),
                   "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
     eval_args = [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
-    argv = ["--only", "bm25", "grerank", "pdist", "--seeds", "0", "1",
+    argv = ["--only", "bm25", "zero-shot", "grerank", "pdist", "--seeds", "0", "1",
             "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
     experiments.main(argv)
 
     names = sorted(p.stem for p in (tmp_path / "results" / "dev").glob("*.json"))
-    assert names == ["bm25", "grerank-seed0", "grerank-seed1", "pdist-seed0", "pdist-seed1"]
+    assert names == ["bm25", "grerank-seed0", "grerank-seed1", "pdist-seed0", "pdist-seed1", "zero-shot"]
     pdist = json.loads((tmp_path / "results" / "dev" / "pdist-seed1.json").read_text())
     assert pdist["method"] == "pdist" and pdist["seed"] == 1
     assert "--objective pdist" in pdist["commands"][0] and "--seed 1" in pdist["commands"][0]
@@ -46,3 +46,21 @@ def test_grid_trains_evaluates_and_reports_every_method(
     stamp = (tmp_path / "results" / "dev" / "bm25.json").stat().st_mtime_ns
     experiments.main(argv)  # everything is done: nothing runs again
     assert (tmp_path / "results" / "dev" / "bm25.json").stat().st_mtime_ns == stamp
+
+    # The sweep: its own folders, one seed, flags on top of the defaults, a table of its own in the report.
+    sweep_argv = ["--sweep", "--only", "default", "anchor0",
+                  "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
+    experiments.main(sweep_argv)
+    assert sorted(p.stem for p in (tmp_path / "results" / "sweep").glob("*.json")) == [
+        "anchor0-seed0",
+        "default-seed0",
+    ]
+    anchor0 = json.loads((tmp_path / "results" / "sweep" / "anchor0-seed0.json").read_text())
+    assert anchor0["reranker"]["manifest"]["hyperparameters"]["anchor_weight"] == 0.0
+    assert (tmp_path / "runs" / "sweep" / "anchor0-seed0" / "artifact").is_dir()
+    report = (tmp_path / "results" / "README.md").read_text()
+    sweep = report[report.index("## G-Rerank hyperparameter sweep") : report.index("## Commands")]
+    assert sweep.index("| default | 1 |") < sweep.index("| anchor0 | 1 | --anchor-weight 0 |")
+    assert re.search(r"the best answer R@1 among them: (default|anchor0|none)\.", sweep)
+    assert "python -m training.train --epochs 1 --anchor-weight 0 " in report
+    assert "--seed 0 --out runs/sweep/anchor0-seed0 --resume" in report

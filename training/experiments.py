@@ -4,6 +4,7 @@ HotpotQA train and dev splits, seed by seed.
     python -m training.experiments                 # run what is missing, then write the report
     python -m training.experiments --dry-run       # list the commands without running them
     python -m training.experiments --only pdist emdr --seeds 0 1
+    python -m training.experiments --sweep         # G-Rerank's hyperparameters, one epoch a point
 
 Each run is ``python -m training.train ... --out runs/experiments/NAME`` (trained methods) followed by
 ``python -m training.evaluate ... --out results/dev/NAME.json``, as subprocesses, so the commands recorded in
@@ -46,6 +47,28 @@ METHODS = [
     Method("emdr", ("--objective", "emdr", *BASELINE_FLAGS), note="EMDR: documents as latent variables"),
     Method("adist", ("--objective", "adist", *BASELINE_FLAGS), note="attention distillation"),
     Method("supervised", ("--objective", "supervised", *BASELINE_FLAGS), note="uses supporting labels"),
+]
+
+
+def sweep_point(name: str, *flags: str) -> Method:
+    # One epoch: a point costs half a full run, and the dev curves show most of the movement in epoch 1.
+    return Method(name, ("--epochs", "1", *flags), note=" ".join(flags) or "the training CLI's defaults")
+
+
+# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time.
+SWEEP = [
+    sweep_point("default"),
+    sweep_point("anchor0", "--anchor-weight", "0"),
+    sweep_point("anchor0.1", "--anchor-weight", "0.1"),
+    sweep_point("anchor0.3", "--anchor-weight", "0.3"),
+    sweep_point("tau0.25", "--tau", "0.25"),
+    sweep_point("tau1", "--tau", "1.0"),
+    sweep_point("kappa3", "--kappa", "3"),
+    sweep_point("kappa30", "--kappa", "30"),
+    sweep_point("k1", "--k", "1"),
+    sweep_point("k3", "--k", "3"),
+    sweep_point("lr1e-5", "--lr", "1e-5"),
+    sweep_point("lr5e-5", "--lr", "5e-5"),
 ]
 
 
@@ -112,37 +135,41 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--only", nargs="*", default=None, help="method names (default: all)")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
-    p.add_argument("--runs", default="runs/experiments", help="training run folders")
-    p.add_argument("--results", default="results", help="results folder (dev results go in DEV/)")
+    p.add_argument("--only", nargs="*", default=None, help="method (or sweep point) names (default: all)")
+    p.add_argument(
+        "--sweep", action="store_true", help="run the G-Rerank hyperparameter sweep, not the methods"
+    )
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1; the sweep's: 0")
+    p.add_argument(
+        "--runs", default=None, help="training run folders (default: runs/experiments, runs/sweep)"
+    )
+    p.add_argument("--results", default="results", help="results folder (dev results go in dev/, sweep/)")
     p.add_argument("--train-args", default="", help="extra training.train arguments, one string")
     p.add_argument("--eval-args", default="", help="extra training.evaluate arguments, one string")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
-    known = {m.name: m for m in METHODS}
+    grid, kind = (SWEEP, "sweep") if args.sweep else (METHODS, "experiments")
+    known = {m.name: m for m in grid}
     unknown = set(args.only or []) - set(known)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; known: {sorted(known)}")
-    methods = [m for m in METHODS if args.only is None or m.name in args.only]
+        p.error(f"unknown names {sorted(unknown)}; known: {sorted(known)}")
+    methods = [m for m in grid if args.only is None or m.name in args.only]
+    seeds = args.seeds if args.seeds is not None else [0] if args.sweep else [0, 1]
+    runs = args.runs or f"runs/{kind}"
     results = Path(args.results)
+    folder = results / ("sweep" if args.sweep else "dev")
     planned = plan(
-        methods,
-        args.seeds,
-        Path(args.runs),
-        results / "dev",
-        shlex.split(args.train_args),
-        shlex.split(args.eval_args),
+        methods, seeds, Path(runs), folder, shlex.split(args.train_args), shlex.split(args.eval_args)
     )
     for run in planned:
-        done = (results / "dev" / f"{run.name}.json").is_file()
+        done = (folder / f"{run.name}.json").is_file()
         if args.dry_run:
             print(f"# {run.name}{' (done)' if done else ''}")
             print("\n".join(shlex.join(c) for c in run.commands))
         elif not done:
-            execute(run, results / "dev")
+            execute(run, folder)
     if not args.dry_run:
-        report.main(["--results", str(results), "--runs", args.runs])
+        report.main(["--results", str(results), "--runs", "runs/experiments" if args.sweep else runs])
 
 
 if __name__ == "__main__":

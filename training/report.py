@@ -5,7 +5,8 @@ nothing is typed in.
     python -m training.report --results results --runs runs/experiments
 
 Writes ``RESULTS/README.md``, ``RESULTS/metrics.png`` (headline metrics by method) and
-``RESULTS/training_curves.png`` (training loss and dev reader NLL by update, one line per run).
+``RESULTS/training_curves.png`` (training loss and dev reader NLL by update, one line per run). Sweep points
+in ``RESULTS/sweep`` (``python -m training.experiments --sweep``) get a table of their own.
 """
 
 from __future__ import annotations
@@ -37,15 +38,13 @@ def metric(result: dict, section: str, name: str, group: str = "all") -> dict | 
     return table.get(group, {}).get(name)
 
 
-def load_results(folder: Path) -> dict[str, list[dict]]:
-    """Dev results grouped by method: the grid's methods in its order, then any others by name."""
-    from training.experiments import METHODS  # imports this module: import here, not at the top
-
+def load_results(folder: Path, order: list[str]) -> dict[str, list[dict]]:
+    """Results grouped by method: those in ``order`` in its order, then any others by name."""
     methods: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):  # file names sort seeds
         result = json.loads(path.read_text())
         methods.setdefault(result.get("method", result["name"]), []).append(result)
-    rank = {m.name: i for i, m in enumerate(METHODS)}
+    rank = {name: i for i, name in enumerate(order)}
     return dict(sorted(methods.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
@@ -74,7 +73,7 @@ def counts(results: list[dict], group: str = "all") -> str:
     return ", ".join(parts)
 
 
-def markdown(methods: dict[str, list[dict]], plots: list[str]) -> str:
+def markdown(methods: dict[str, list[dict]], sweep: dict[str, list[dict]], plots: list[str]) -> str:
     lines = [
         "# Results on the shipped HotpotQA dev split",
         "",
@@ -93,8 +92,9 @@ def markdown(methods: dict[str, list[dict]], plots: list[str]) -> str:
         first = next(iter(methods.values()))
         lines += ["", f"Questions behind each figure: {counts(first, group)}.", ""]
     lines += verdict(methods)
+    lines += sweep_table(sweep, methods)
     lines += ["## Commands", ""]
-    for results in methods.values():
+    for results in [*methods.values(), *sweep.values()]:
         for r in results:
             lines.append(
                 f"- `{r['name']}` ({r.get('note', '')}, {r.get('wall_seconds', r.get('seconds'))} s):"
@@ -129,6 +129,52 @@ def verdict(methods: dict[str, list[dict]], ours: str = "grerank") -> list[str]:
     seeds = [f"{m} {len(methods[m])}" for m in (ours, "pdist", "emdr") if m in methods]
     lines.append(f"- Seeds behind these means: {', '.join(seeds)} (the checks want at least 2 each).")
     return [*lines, ""]
+
+
+SWEPT = [HEADLINE[0], HEADLINE[2], HEADLINE[7], HEADLINE[9]]  # answer R@1, support R@2, bridge R@5, F1@2
+
+
+def sweep_table(sweep: dict[str, list[dict]], methods: dict[str, list[dict]]) -> list[str]:
+    """G-Rerank's hyperparameter points, and which of them the acceptance rule prefers: the best answer R@1
+    among the points that keep support R@2 and bridge R@5 within 1 point of the zero-shot reranker."""
+    if not sweep:
+        return []
+    lines = [
+        "## G-Rerank hyperparameter sweep (dev; one epoch a point)",
+        "",
+        "One flag changed from the training CLI's defaults per row. Reader NLL is the dev answer loss at the",
+        "top k, which each run selects its checkpoint by (no labels).",
+        "",
+        "| point | seeds | flags | " + " | ".join(label for _, _, label in SWEPT) + " | reader NLL |",
+        "|" + "---|" * (len(SWEPT) + 4),
+    ]
+    kept: dict[str, float] = {}
+    start = methods.get("zero-shot")
+    floor = {
+        name: value
+        for name in ("support_recall@2", "bridge_recall@5")
+        if start and (value := cell(start, "ranking", name)[1]) is not None
+    }
+    for point, results in sweep.items():
+        nll = [r["reranker"]["manifest"]["metrics"]["dev_best"]["reader_nll"] for r in results]
+        cells = [cell(results, section, name) for section, name, _ in SWEPT]
+        flags = results[0].get("note", "")
+        lines.append(
+            f"| {point} | {len(results)} | {flags} | " + " | ".join(text for text, _ in cells)
+            + f" | {statistics.fmean(nll):.3f} |"
+        )  # fmt: skip
+        means = {name: value for (_, name, _), (_, value) in zip(SWEPT, cells, strict=True)}
+        if floor and all(means[n] is not None and means[n] >= f - 1.0 for n, f in floor.items()):
+            kept[point] = means["answer_recall@1"]
+    lines.append("")
+    if floor:
+        best = max(kept, key=kept.__getitem__) if kept else "none"
+        lines += [
+            "Points keeping support R@2 and bridge R@5 within 1 point of zero-shot: "
+            f"{', '.join(kept) or 'none'}; the best answer R@1 among them: {best}.",
+            "",
+        ]
+    return lines
 
 
 def plot_metrics(methods: dict[str, list[dict]], path: Path) -> None:
@@ -200,7 +246,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--runs", default="runs/experiments", help="training runs, for the curves")
     args = p.parse_args(argv)
     results = Path(args.results)
-    methods = load_results(results / "dev")
+    from training.experiments import METHODS, SWEEP  # imports this module: import here, not at the top
+
+    methods = load_results(results / "dev", [m.name for m in METHODS])
+    sweep = load_results(results / "sweep", [m.name for m in SWEEP])
     if not methods:
         raise SystemExit(f"no results in {results / 'dev'}; run python -m training.experiments first")
     plots = ["metrics.png"]
@@ -208,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
     if plot_curves(Path(args.runs), results / "training_curves.png"):
         plots.append("training_curves.png")
     out = results / "README.md"
-    out.write_text(markdown(methods, plots))
+    out.write_text(markdown(methods, sweep, plots))
     print(f"report written to {out}")
     return out
 
