@@ -52,8 +52,9 @@ class BlockGemm:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
-        self.weight_t, self.bias, self.gelu = weight.t(), bias, gelu
-        self.packed = None
+        self.bias, self.gelu = bias, gelu
+        self.epilogue = ("gelu", "none") if gelu else ("none", "")  # "none": erf, not the tanh approximation
+        self.packed = self.weight_t = None  # one copy of the weight is kept: packed, or plain for addmm
         if (
             weight.device.type == "cpu"
             and torch.backends.mkldnn.is_available()
@@ -63,6 +64,8 @@ class BlockGemm:
             )
         ):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, TOKENS_PER_BLOCK)
+        else:
+            self.weight_t = weight.t()
 
     @classmethod
     def of(cls, *linears: torch.nn.Linear, dtype: torch.dtype, gelu: bool = False) -> BlockGemm:
@@ -78,12 +81,8 @@ class BlockGemm:
                 return torch.ops.mkldnn._linear_pointwise.binary(
                     block, residual, self.packed, self.bias, "add"
                 )
-            epilogue = (
-                ("gelu", "none") if self.gelu else ("none", "")
-            )  # "none": erf, not the tanh approximation
-            return torch.ops.mkldnn._linear_pointwise(
-                block, self.packed, self.bias, epilogue[0], [], epilogue[1]
-            )
+            attr, algorithm = self.epilogue
+            return torch.ops.mkldnn._linear_pointwise(block, self.packed, self.bias, attr, [], algorithm)
         out = block @ self.weight_t if self.bias is None else torch.addmm(self.bias, block, self.weight_t)
         if residual is not None:
             out.add_(residual)
