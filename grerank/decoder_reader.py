@@ -300,16 +300,18 @@ class DecoderReader(Reader):
             attn = torch.cat(
                 [torch.zeros(length, keys, device=self.device), causal_block(length, self.device)], dim=1
             )[None, None]
-            out = self.model(
+            out = self.model.base_model(
                 input_ids=step,
                 attention_mask=to_additive(attn, self.dtype),
                 position_ids=torch.arange(position, position + length, device=self.device)[None],
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
+            # The head on a 2-D row: Hugging Face's ``logits_to_keep=1`` hands it a strided 3-D slice, for
+            # which torch.matmul copies the whole vocabulary-sized weight (about 50 ms per prompt here).
+            logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1])
             cache, keys, position = out.past_key_values, keys + length, position + length
-            token = int(out.logits[0, -1].argmax())
+            token = int(logits[0].argmax())
             if token in self.eos_ids:
                 break
             piece = text.push(token)

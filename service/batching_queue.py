@@ -15,8 +15,9 @@ traffic delays other work by at most one pass. Each turn:
 4. answers every request whose last sequence was in the pass.
 
 Scores do not depend on the batching: :mod:`service.rerank_backend` makes each sequence's output a function
-of that sequence alone, so a request gets the same bits alone, among others, or scored inline by
-:func:`rerank_inline` (``/answer``, which already holds the worker).
+of that sequence alone, so a request gets the same bits alone, among others, scored inline by
+:func:`rerank_inline` (``/answer``, which already holds the worker), or from :mod:`service.rerank_cache`,
+which answers the sequences read before without a pass.
 
 The queue is bounded: at most ``GRERANK_MAX_QUEUE`` requests (the admission middleware refuses more before
 they reach it; this bound also holds for callers in process), beyond it :class:`QueueFull` (429).
@@ -42,6 +43,7 @@ from service.metrics import Metrics
 from service.model_worker import ModelWorker
 from service.request_limits import RequestRejected
 from service.rerank_backend import Encoded, RerankBackend
+from service.rerank_cache import RerankCache
 from service.stage_timeouts import StageClock
 from service.truncation import TruncationPolicy
 
@@ -66,8 +68,11 @@ class RerankJob:
     outputs: list[torch.Tensor | None] = field(default_factory=list)
     remaining: int = 0
 
-    def start(self, sequences: list[Encoded]) -> None:
-        self.sequences, self.outputs, self.remaining = sequences, [None] * len(sequences), len(sequences)
+    def start(self, sequences: list[Encoded], cache: RerankCache | None = None) -> None:
+        """Take the request's sequences; those ``cache`` holds are answered now, the rest wait for passes."""
+        self.sequences = sequences
+        self.outputs = [None if cache is None else cache.get(s) for s in sequences]
+        self.remaining = self.outputs.count(None)
 
     @property
     def abandoned(self) -> bool:
@@ -111,7 +116,7 @@ class PassPlanner:
         return bool(self._waiting)
 
     def add(self, job: RerankJob) -> None:
-        self._waiting.extend((job, i) for i in range(len(job.sequences)))
+        self._waiting.extend((job, i) for i, output in enumerate(job.outputs) if output is None)
 
     def next_pass(self) -> list[tuple[RerankJob, int]]:
         """The next pass: ``(job, sequence index)`` pairs; empty when nothing is waiting."""
@@ -132,9 +137,13 @@ class PassPlanner:
 
 
 def run_pass(
-    backend: RerankBackend, entries: Sequence[tuple[RerankJob, int]], metrics: Metrics
+    backend: RerankBackend,
+    entries: Sequence[tuple[RerankJob, int]],
+    metrics: Metrics,
+    cache: RerankCache | None = None,
 ) -> list[RerankJob]:
-    """One forward pass over ``entries``: stores each output in its job; returns the jobs it completed."""
+    """One forward pass over ``entries``: stores each output in its job (and ``cache``); returns the jobs it
+    completed."""
     sequences = [job.sequences[i] for job, i in entries]
     start = time.perf_counter()
     outputs = backend.forward(sequences)
@@ -145,6 +154,8 @@ def run_pass(
     for row, (job, i) in enumerate(entries):
         job.outputs[i] = outputs[row]
         job.remaining -= 1
+        if cache is not None:
+            cache.put(job.sequences[i], outputs[row])
         if job.remaining == 0:
             completed.append(job)
     return completed
@@ -158,15 +169,16 @@ def rerank_inline(
     max_rows: int,
     metrics: Metrics,
     check: Callable[[], None] = lambda: None,
+    cache: RerankCache | None = None,
 ) -> torch.Tensor:
     """Scores ``[n]`` of one request on the calling thread, in the passes the queue would run for it alone
     (so with the same bits); ``check`` runs after each pass (the stage clock)."""
     job = RerankJob()
-    job.start(backend.encode(query, texts))
+    job.start(backend.encode(query, texts), cache)
     planner = PassPlanner(max_tokens, max_rows)
     planner.add(job)
     while entries := planner.next_pass():
-        run_pass(backend, entries, metrics)
+        run_pass(backend, entries, metrics, cache)
         check()
     return job.scores(backend)
 
@@ -183,8 +195,10 @@ class BatchingQueue:
         max_rows: int,
         capacity: int,
         timeout: float,
+        cache: RerankCache | None = None,
     ) -> None:
         self.backend = backend
+        self.cache = cache
         self.truncation = truncation
         self.worker = worker
         self.metrics = metrics
@@ -272,14 +286,15 @@ class BatchingQueue:
             request.started = time.perf_counter()
             request.clock = StageClock("rerank", self.timeout)
             try:
-                request.start(self.backend.encode(self.truncation.fit_query(request.query), request.texts))
+                sequences = self.backend.encode(self.truncation.fit_query(request.query), request.texts)
+                request.start(sequences, self.cache)
                 request.truncation = self.truncation.report(request.query, request.texts)
             except Exception as exc:  # this request's text, so this request's error (400), nobody else's
                 request.context.run(log.warning, "the reranker cannot tokenize a request: %s", exc)
                 _fail(request, RequestRejected(f"the reranker's tokenizer cannot read this request: {exc}"))
                 continue
             self._active.append(request)
-            if request.sequences:
+            if request.remaining:
                 self._planner.add(request)
             else:
                 self._finish(request)
@@ -295,7 +310,7 @@ class BatchingQueue:
 
     def _run(self, entries: list[tuple[RerankJob, int]]) -> None:
         try:
-            completed = run_pass(self.backend, entries, self.metrics)
+            completed = run_pass(self.backend, entries, self.metrics, self.cache)
         except Exception as exc:  # fails the requests in this pass, not the queue
             log.exception("a reranker forward pass failed")
             for job in {job for job, _ in entries}:

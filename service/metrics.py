@@ -93,6 +93,15 @@ class Metrics:
         self.reader_cache_bytes = Gauge(
             "grerank_reader_cache_bytes", "Memory held by cached per-document reader states.", registry=r
         )
+        self.rerank_cache_lookups = Counter(
+            "grerank_rerank_cache_lookups",
+            "Reranker outputs looked up in the cache of sequences read before, by result (hit, miss).",
+            ["result"],
+            registry=r,
+        )
+        self.rerank_cache_bytes = Gauge(
+            "grerank_rerank_cache_bytes", "Memory held by cached reranker outputs.", registry=r
+        )
         self.model_info = Info("grerank_model", "Served models and reranker artifact.", registry=r)
 
     @contextmanager

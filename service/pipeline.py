@@ -1,6 +1,7 @@
 """The request paths over the loaded models and the document index.
 
-``/answer``: embed the query -> FAISS retrieval -> rerank the candidates -> deterministic top-k (no noise,
+``/answer``: embed the query -> FAISS retrieval -> rerank the candidates (those read before come from
+:mod:`service.rerank_cache`) -> deterministic top-k (no noise,
 ties by candidate order: the very ``hard_topk`` training evaluates with) -> the parallel-encoding reader.
 If the reader fails or runs out of time, the answer is None with an ``error``, and the reranked documents
 are still returned: they are most of the value, and were computed.
@@ -30,6 +31,7 @@ from service.document_store import NewDocument, StoredDocument
 from service.metrics import Metrics
 from service.models import Models
 from service.rerank_backend import RerankBackend
+from service.rerank_cache import RerankCache
 from service.settings import Settings
 from service.stage_timeouts import StageClock, StageTimeout
 from service.truncation import TruncationPolicy
@@ -73,6 +75,7 @@ class Pipeline:
         self.truncation = TruncationPolicy(models.reranker, models.reader)
         # bf16 on CPUs with AVX512-BF16/AMX, bf16 or fp16 on a GPU (GRERANK_PRECISION), fp32 otherwise.
         self.rerank_backend = RerankBackend(models.reranker, resolve_dtype(settings.precision, models.device))
+        self.rerank_cache = RerankCache(settings.rerank_cache_mb * 2**20, metrics)
 
     def _clock(self, stage: str) -> StageClock:
         return StageClock(stage, self.settings.stage_timeouts[stage])
@@ -115,6 +118,7 @@ class Pipeline:
                 self.settings.rerank_batch_size,
                 self.metrics,
                 self._clock("rerank").check,
+                self.rerank_cache,
             )
 
     @staticmethod

@@ -83,6 +83,7 @@ class Runtime:
                 max_rows=self.settings.rerank_batch_size,
                 capacity=self.settings.max_queue,
                 timeout=self.settings.stage_timeouts["rerank"],
+                cache=pipeline.rerank_cache,
             )
             self.pipeline = pipeline
             self.metrics.ready.set(1)

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="Tokens per reranker forward pass; the rerank work of concurrent "
         "requests shares passes up to it. Larger: more throughput, a longer wait for other model work.",
     )
+    rerank_cache_mb: int = Field(
+        64,
+        ge=0,
+        description="Memory for reranker outputs of sequences read before (least recently used dropped "
+        "first); a bi-encoder then encodes each document once, about 1.8 KB a document for the default "
+        "MiniLM. 0: off.",
+    )
     embed_batch_size: int = Field(32, ge=1, description="Texts per embedder forward pass when indexing.")
     reader_max_new_tokens: int = Field(32, ge=1, le=512)
     reader_cache_mb: int = Field(512, ge=0, description="Memory for cached per-document reader states.")

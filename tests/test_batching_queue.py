@@ -1,7 +1,7 @@
-"""The rerank batching queue: a request's scores are the same bits alone and batched with others, the
-backend's packed forward matches Hugging Face's, passes respect the token budget, the queue is bounded
-(429), a request's own error reaches that request only (4xx), a stage over its limit is a 504, and other
-model work still gets its turn."""
+"""The rerank batching queue: a request's scores are the same bits alone, batched with others and from the
+cache of sequences read before, the backend's packed forward matches Hugging Face's, passes respect the
+token budget, the queue is bounded (429), a request's own error reaches that request only (4xx), a stage
+over its limit is a 504, and other model work still gets its turn."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.model_worker import ModelWorker
 from service.request_limits import RequestRejected
 from service.rerank_backend import TOKENS_PER_BLOCK, Encoded, RerankBackend
+from service.rerank_cache import ENTRY_OVERHEAD_BYTES, RerankCache
 from service.stage_timeouts import StageTimeout
 from service.truncation import TruncationPolicy
 from tests.test_hardening_faults import serving, settings_for
@@ -217,6 +218,58 @@ def test_passes_stay_within_the_budget_and_are_measured(tiny_bert_dir: Path) -> 
     assert len(served.passes) < len(lengths) / 2
     text = served.metrics.render().decode()
     assert 'grerank_batch_tokens_bucket{le="512.0",stage="rerank"}' in text
+
+
+@pytest.mark.parametrize("architecture", ["bi-encoder", "cross-encoder"])
+def test_sequences_read_before_come_from_the_cache_with_the_same_bits(
+    tiny_bert_dir: Path, architecture: str
+) -> None:
+    reranker = build_reranker(architecture, tiny_bert_dir).eval()
+    with queue_for(reranker, torch.float32) as plain:
+        expected = [alone(plain, q, t) for q, t in REQUESTS]
+    metrics = Metrics()
+    cache = RerankCache(2**20, metrics)
+    with queue_for(reranker, torch.float32, cache=cache) as served:
+        first = [served.queue.submit(q, t).result(timeout=120)[0] for q, t in REQUESTS]
+        read = sum(len(p) for p in served.passes)
+        served.passes.clear()
+        again = [served.queue.submit(q, t).result(timeout=120)[0] for q, t in REQUESTS]
+        inline = [
+            rerank_inline(
+                served.backend, served.truncation.fit_query(q), t, MAX_TOKENS, MAX_ROWS, metrics, cache=cache
+            )
+            for q, t in REQUESTS
+        ]
+        assert served.passes == []  # every sequence was read before: no forward pass at all
+        # A request with one new text: only that text is read (and, for a cross-encoder, only that pair).
+        query, texts = REQUESTS[0]
+        mixed = served.queue.submit(query, [*texts[:3], "a text nobody sent before"]).result(timeout=120)[0]
+        assert [len(p) for p in served.passes] == [1]
+    for scores in (first, again, inline):
+        for got, reference in zip(scores, expected, strict=True):
+            assert torch.equal(got, reference)
+    assert torch.equal(mixed[:3], expected[0][:3])
+    assert len(cache) == read + 1 and 0 < cache.memory_bytes <= cache.budget_bytes
+    text = metrics.render().decode()
+    assert f'grerank_rerank_cache_lookups_total{{result="miss"}} {read + 1.0}' in text  # each read once
+
+
+def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used() -> None:
+    output = torch.zeros(8)
+    cost = 8 * 4 + ENTRY_OVERHEAD_BYTES
+    cache = RerankCache(2 * cost)
+    a, b, c = (Encoded([101, i, 102]) for i in range(3))
+    cache.put(a, output)
+    cache.put(b, output + 1)
+    assert cache.get(a) is not None  # a is now the most recently used
+    cache.put(c, output + 2)
+    assert cache.get(b) is None and torch.equal(cache.get(c), output + 2) and len(cache) == 2
+    assert cache.memory_bytes == 2 * cost
+    # Segment ids are part of a sequence: the same tokens in another segment are another sequence.
+    assert cache.get(Encoded([101, 2, 102], [0, 1, 1])) is None
+    off = RerankCache(0)
+    off.put(a, output)
+    assert off.get(a) is None and len(off) == 0
 
 
 # ---- bounds, errors, time limits, fairness ----

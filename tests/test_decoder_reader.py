@@ -42,6 +42,23 @@ def test_one_document_equals_the_plain_concatenated_prompt(reader: DecoderReader
     assert nll.item() == pytest.approx(-token_lp[start : start + len(a)].mean().item(), abs=1e-5)
 
 
+def test_streamed_answer_equals_greedy_generate_on_the_concatenated_prompt(reader: DecoderReader) -> None:
+    question = "what is beta known for?"
+    streamed = "".join(reader.stream_answer(question, reader.encode_documents(PASSAGES[1:2]), 8))
+    ids = reader.prefix_ids + reader.document_ids(PASSAGES[1]) + reader._question_ids(question)
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = reader.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+            eos_token_id=sorted(reader.eos_ids), pad_token_id=0,
+        )  # fmt: skip
+    new = [t for t in out[0, len(ids) :].tolist() if t not in reader.eos_ids]
+    expected = reader.tokenizer.decode(new, skip_special_tokens=True)
+    if reader.prompt.stop:
+        expected = expected.split(reader.prompt.stop)[0]
+    assert new and streamed == expected
+
+
 def test_document_states_do_not_depend_on_batch_companions(reader: DecoderReader) -> None:
     alone = reader.encode_documents(PASSAGES[2:])[0]
     together = reader.encode_documents(PASSAGES)[2]
