@@ -56,9 +56,9 @@ class RerankCache:
         return output
 
     def put(self, sequence: Encoded, output: torch.Tensor) -> None:
-        output = output.clone()  # a row of a pass's output would keep the whole pass alive
         if self._cost(output) > self.budget_bytes:
             return
+        output = output.clone()  # a row of a pass's output would keep the whole pass alive
         key = self.key(sequence)
         previous = self._outputs.pop(key, None)
         if previous is not None:
