@@ -159,10 +159,17 @@ def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, archite
     assert torch.allclose(backend.scores(backend.forward(backend.encode(query, texts))), expected, atol=1e-5)
 
 
-def test_the_packed_bi_encoder_forward_reproduces_hugging_face(tiny_bert_dir: Path) -> None:
-    """Mean pooling over packed rows, across block boundaries (fp32): 31 texts fill more than one block."""
+@pytest.mark.parametrize("gemm", ["onednn", "addmm"])
+def test_the_packed_bi_encoder_forward_reproduces_hugging_face(
+    tiny_bert_dir: Path, gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mean pooling over packed rows, across block boundaries (fp32): 31 texts fill more than one block; with
+    oneDNN's packed weights and with the addmm path a GPU or a CPU without oneDNN takes."""
+    if gemm == "addmm":
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
     backend = RerankBackend(reranker, torch.float32)
+    assert all((layer.up.packed is None) == (gemm == "addmm") for layer in backend.layers)
     query, texts = REQUESTS[3]
     sequences = backend.encode(query, texts)
     assert sum(len(s.ids) for s in sequences) > TOKENS_PER_BLOCK
