@@ -7,7 +7,8 @@ back of the worker's line, so an ``/answer`` or a document write waiting there g
 traffic delays other work by at most one pass. Each turn:
 
 1. tokenizes the requests that arrived since the last turn (on the worker thread: tokenizers must not be
-   shared between threads); their rerank stage, and its time limit, starts here;
+   shared between threads); their rerank stage, and its time limit, starts here; sequences the rerank cache
+   holds need no pass, and a request it holds whole is answered at once;
 2. fails the requests over their time limit (504) or no longer awaited;
 3. runs one pass over the oldest waiting sequences, from any request and of any lengths, up to
    ``GRERANK_MAX_BATCH_TOKENS`` tokens and ``GRERANK_RERANK_BATCH_SIZE`` texts. The backend packs them end
