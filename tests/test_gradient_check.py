@@ -9,6 +9,7 @@ from collections import Counter
 import torch
 
 from grerank.gumbel_topk import gumbel_noise, hard_topk
+from training import report
 from training.gradient_check import exact_gradient, subset_probabilities
 
 
@@ -42,3 +43,17 @@ def test_exact_gradient_matches_finite_differences() -> None:
         down, _ = exact_gradient(scores.double() - step, kappa, subsets, nll)
         assert abs((up - down) / (2 * eps) - grad[i].item()) < 1e-4
     assert min(nll).item() < value < max(nll).item()  # an expectation over the subsets
+
+
+def test_the_report_shows_each_setting_with_its_command() -> None:
+    summary = {"relaxed_mean": 0.5, "relaxed_single": 0.25, "pdist": 0.125, "snr": 0.75, "expected_nll": 4.0}
+    check = {
+        "command": "python -m training.gradient_check --questions 2",
+        "args": {"k": 2, "draws": 8},
+        "summary": {"tau=0.5 kappa=10.0": summary},
+        "questions": {"tau=0.5 kappa=10.0": [{"id": "a"}, {"id": "b"}]},
+    }
+    text = "\n".join(report.gradient_check_table([check]))
+    assert "| k=2 tau=0.5 kappa=10.0, 8 draws | 2 | 0.50 | 0.25 | 0.12 | 0.75 |" in text
+    assert "`python -m training.gradient_check --questions 2`" in text
+    assert report.gradient_check_table([]) == []

@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -170,7 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for name, values in rows.items()
     }
-    result = {"args": vars(args), "summary": summary, "questions": rows}
+    command = shlex.join(
+        ["python", "-m", "training.gradient_check", *(sys.argv[1:] if argv is None else argv)]
+    )
+    result = {"command": command, "args": vars(args), "summary": summary, "questions": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,7 +6,8 @@ nothing is typed in.
 
 Writes ``RESULTS/README.md``, ``RESULTS/metrics.png`` (headline metrics by method) and
 ``RESULTS/training_curves.png`` (training loss and dev reader NLL by update, one line per run). Sweep points
-in ``RESULTS/sweep`` (``python -m training.experiments --sweep``) get a table of their own.
+in ``RESULTS/sweep`` (``python -m training.experiments --sweep``) get a table of their own, and so do the
+gradient checks in ``RESULTS/gradient-check`` (``python -m training.gradient_check``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 HEADLINE = [
@@ -73,7 +75,12 @@ def counts(results: list[dict], group: str = "all") -> str:
     return ", ".join(parts)
 
 
-def markdown(methods: dict[str, list[dict]], sweep: dict[str, list[dict]], plots: list[str]) -> str:
+def markdown(
+    methods: dict[str, list[dict]],
+    sweep: dict[str, list[dict]],
+    plots: list[str],
+    checks: Sequence[dict] = (),
+) -> str:
     lines = [
         "# Results on the shipped HotpotQA dev split",
         "",
@@ -93,6 +100,7 @@ def markdown(methods: dict[str, list[dict]], sweep: dict[str, list[dict]], plots
         lines += ["", f"Questions behind each figure: {counts(first, group)}.", ""]
     lines += verdict(methods)
     lines += sweep_table(sweep, methods)
+    lines += gradient_check_table(checks)
     lines += ["## Commands", ""]
     for results in [*methods.values(), *sweep.values()]:
         for r in results:
@@ -178,6 +186,31 @@ def sweep_table(sweep: dict[str, list[dict]], methods: dict[str, list[dict]]) ->
     return lines
 
 
+def gradient_check_table(checks: Sequence[dict]) -> list[str]:
+    """How well each gradient estimator points along the exact gradient of the expected top-k reader NLL."""
+    if not checks:
+        return []
+    lines = [
+        "## Does G-Rerank's gradient descend the reader's loss? (`training.gradient_check`)",
+        "",
+        "Cosine between each estimator's gradient in the n scores and the exact gradient of the expected "
+        "reader NLL over Gumbel top-k subsets (every subset read), at the starting reranker's scores; mean "
+        "over questions. Mean/std: norm of the mean draw gradient over the norm of the draws' spread.",
+        "",
+        "| setting | questions | relaxed, mean of draws | relaxed, one draw | PDist | mean/std of draws |",
+        "|---|---|---|---|---|---|",
+    ]
+    for check in checks:
+        count = len(next(iter(check["questions"].values())))
+        for setting, s in check["summary"].items():
+            lines.append(
+                f"| k={check['args']['k']} {setting}, {check['args']['draws']} draws | {count} "
+                f"| {s['relaxed_mean']:.2f} | {s['relaxed_single']:.2f} | {s['pdist']:.2f} | {s['snr']:.2f} |"
+            )
+    lines += ["", *(f"- `{c['command']}`" for c in checks), ""]
+    return lines
+
+
 def plot_metrics(methods: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -258,7 +291,8 @@ def main(argv: list[str] | None = None) -> Path:
     if plot_curves(Path(args.runs), results / "training_curves.png"):
         plots.append("training_curves.png")
     out = results / "README.md"
-    out.write_text(markdown(methods, sweep, plots))
+    checks = [json.loads(f.read_text()) for f in sorted((results / "gradient-check").glob("*.json"))]
+    out.write_text(markdown(methods, sweep, plots, checks))
     print(f"report written to {out}")
     return out
 
