@@ -98,6 +98,7 @@ def markdown(
             lines.append("| " + " | ".join(row) + " |")
         first = next(iter(methods.values()))
         lines += ["", f"Questions behind each figure: {counts(first, group)}.", ""]
+    lines += selected_checkpoints(methods)
     lines += verdict(methods)
     lines += sweep_table(sweep, methods)
     lines += gradient_check_table(checks)
@@ -110,6 +111,29 @@ def markdown(
             lines += [f"  - `{c}`" for c in r.get("commands", [r["command"]])]
     lines += ["", *(f"![{p}]({p})" for p in plots), ""]
     return "\n".join(lines)
+
+
+def selected_checkpoints(methods: dict[str, list[dict]]) -> list[str]:
+    """Which update each trained run kept (the best dev reader NLL at the top k, no labels): update 0 means
+    that no update improved on the starting reranker, so the artifact is the starting reranker."""
+    lines = [
+        "## Checkpoints kept",
+        "",
+        "Each run keeps its state with the best dev reader NLL at the top k (no labels). Update 0 is the",
+        "starting reranker: no later state lowered the reader's loss, so the run's artifact is the start.",
+        "",
+        "| run | update kept | dev reader NLL: start | kept |",
+        "|---|---|---|---|",
+    ]
+    rows = 0
+    for results in methods.values():
+        for r in results:
+            metrics = ((r.get("reranker") or {}).get("manifest") or {}).get("metrics")
+            if metrics:
+                start, best = metrics["dev_start"]["reader_nll"], metrics["dev_best"]["reader_nll"]
+                lines.append(f"| {r['name']} | {metrics['best_update']} | {start:.3f} | {best:.3f} |")
+                rows += 1
+    return [*lines, ""] if rows else []
 
 
 def verdict(methods: dict[str, list[dict]], ours: str = "grerank") -> list[str]:
