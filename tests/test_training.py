@@ -64,6 +64,37 @@ def test_gradients_reach_the_reranker_and_cache_changes_no_loss(
     assert grads and sum(g.abs().sum().item() for g in grads) > 0
 
 
+def test_more_mask_draws_average_the_loss_over_independent_masks(
+    copy_reader_dir: Path, tmp_path: Path
+) -> None:
+    from grerank.gumbel_topk import relaxed_topk_mask
+    from grerank.qa_data import load_examples
+    from training.objectives import grerank_nll
+
+    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
+    reader = DecoderReader.from_pretrained(copy_reader_dir)
+    states = [reader.encode_documents(ex.passages) for ex in batch]
+    questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
+    scores = torch.randn(2, 4)
+    loss = grerank_nll(
+        scores, reader, questions, answers, states, 2, 0.5, 1.0, torch.Generator().manual_seed(0), 3
+    )
+    # The same masks, drawn the same way: three per question, each question's rows together.
+    masks = relaxed_topk_mask(scores.repeat_interleave(3, 0), 2, 0.5, 1.0, torch.Generator().manual_seed(0))
+    assert not torch.allclose(masks[0], masks[1])  # independent draws, not one mask three times
+    each = [
+        reader.answer_nll(
+            [questions[row // 3]], [answers[row // 3]], [states[row // 3]], masks[row : row + 1]
+        )
+        for row in range(6)
+    ]
+    assert loss.item() == pytest.approx(torch.cat(each).mean().item(), abs=1e-5)
+    one = grerank_nll(
+        scores, reader, questions, answers, states, 2, 0.5, 1.0, torch.Generator().manual_seed(0)
+    )
+    assert one.item() != pytest.approx(loss.item(), abs=1e-6)
+
+
 def test_grerank_lifts_answer_recall_from_chance_to_near_one(
     copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:

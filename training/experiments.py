@@ -69,6 +69,7 @@ SWEEP = [
     sweep_point("k3", "--k", "3"),
     sweep_point("lr1e-5", "--lr", "1e-5"),
     sweep_point("lr5e-5", "--lr", "5e-5"),
+    sweep_point("draws4", "--mask-draws", "4"),
 ]
 
 

@@ -42,9 +42,14 @@ def grerank_nll(
     tau: float,
     kappa: float,
     generator: torch.Generator,
+    draws: int = 1,
 ) -> torch.Tensor:
-    mask = relaxed_topk_mask(scores, k, tau, kappa, generator)
-    return reader.answer_nll(questions, answers, states, mask).mean()
+    """The reader's answer NLL under relaxed top-k masks of ``scores``, averaged over the batch and over
+    ``draws`` independent masks per question: more draws, less gradient noise, at the price of the question
+    and answer tokens only (the document states are shared)."""
+    mask = relaxed_topk_mask(scores.repeat_interleave(draws, dim=0), k, tau, kappa, generator)
+    repeat = lambda items: [item for item in items for _ in range(draws)]  # noqa: E731
+    return reader.answer_nll(repeat(questions), repeat(answers), repeat(states), mask).mean()
 
 
 def kl_to_target(scores: torch.Tensor, target_log_q: torch.Tensor, kappa: float) -> torch.Tensor:

@@ -94,6 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scale of reranker scores in the mask and in softmax(kappa*w)",
     )
     g.add_argument(
+        "--mask-draws",
+        type=int,
+        default=1,
+        help="Gumbel masks per question and step, their losses averaged: less gradient noise (one draw's "
+        "gradient has about as much noise as signal, see training.gradient_check) for the cost of the "
+        "question and answer tokens only",
+    )
+    g.add_argument(
         "--anchor-weight",
         type=float,
         default=1.0,
@@ -146,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--artifact", default=None, help="artifact folder (default: OUT/artifact)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     args = p.parse_args(argv)
+    if args.mask_draws < 1:
+        p.error(f"--mask-draws must be at least 1, not {args.mask_draws}")
     if args.k > args.n:
         p.error(f"--k ({args.k}) cannot exceed --candidates ({args.n})")
     if not 0.0 <= args.mix_start <= 1.0:
@@ -203,7 +213,16 @@ def batch_loss(
         questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
         states = document_states(batch, reader, cache)
         loss = objectives.grerank_nll(
-            scores, reader, questions, answers, states, args.k, args.tau, args.kappa, generator
+            scores,
+            reader,
+            questions,
+            answers,
+            states,
+            args.k,
+            args.tau,
+            args.kappa,
+            generator,
+            args.mask_draws,
         )
     elif args.objective == "supervised":
         labels = torch.tensor([ex.supporting for ex in batch], device=scores.device)
@@ -497,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
             hyperparameters={k: getattr(args, k) for k in ("n", "k", "tau", "kappa", "anchor_weight", "lr")}
             | {"epochs": args.epochs, "batch_size": args.batch_size * world, "grad_accum": args.grad_accum}
             | {"seed": args.seed, "select_by": args.select_by, "anchor_temperature": args.anchor_temperature}
-            | {"mix_start": args.mix_start},
+            | {"mix_start": args.mix_start, "mask_draws": args.mask_draws},
             reader={
                 "model": str(args.reader),
                 "family": getattr(reader, "family", "decoder"),
