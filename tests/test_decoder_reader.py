@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -82,16 +84,15 @@ def test_generation_stops_within_budget(reader: DecoderReader) -> None:
 
 
 def test_document_attention_matches_uniform_attention_by_hand(copy_reader_dir) -> None:
-    # The copy reader's query and key projections are zero, so every visible key gets the same weight:
-    # a document's mass at query position t is len_i / (prefix + all documents + t + 1).
+    # The copy reader's query and key projections are zero, so every key visible from the position that
+    # predicts the first answer token gets the same weight, 1 / (prefix + documents + question): a document's
+    # mean log weight is the same whatever its length (a sum over its tokens would grow with it).
     reader = DecoderReader.from_pretrained(copy_reader_dir)
-    states = reader.encode_documents(PASSAGES)
-    mass = reader.document_attention(["where does it flow?"], ["north"], [states])[0]
+    passages = [PASSAGES[0], Passage("Delta", "The delta river flows south " * 4), Passage("E", "north")]
+    states = reader.encode_documents(passages)
     lengths = [s.shape[-2] for s in states]
-    q = reader._question_ids("where does it flow?")
-    a = reader._ids(reader.prompt.answer.format(answer="north"))
-    past = len(reader.prefix_ids) + sum(lengths)
-    rows = range(len(q) - 1, len(q) + len(a) - 1)  # the positions that predict answer tokens
-    expected = [sum(n / (past + t + 1) for t in rows) / len(rows) for n in lengths]
-    assert mass.tolist() == pytest.approx(expected, rel=1e-4)
+    assert len(set(lengths)) == 3
+    score = reader.document_attention(["where does it flow?"], ["north"], [states])[0]
+    visible = len(reader.prefix_ids) + sum(lengths) + len(reader._question_ids("where does it flow?"))
+    assert score.tolist() == pytest.approx([-math.log(visible)] * 3, rel=1e-4)
     assert reader.model.config._attn_implementation == "sdpa"  # switched back after reading the weights

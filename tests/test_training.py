@@ -180,7 +180,7 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
     cache = DocStateCache(DecoderReader.from_pretrained(copy_reader_dir), memory_bytes=1 << 30)
     store = tmp_path / "signals.jsonl"
     loglik = reader_signals(examples, cache, "loglik", store, progress=False)
-    attention = reader_signals(examples, cache, "attention", store, progress=False)
+    attention = reader_signals(examples, cache, "attention_score", store, progress=False)
     lines = store.read_text().count("\n")
     assert (
         lines == 10
@@ -189,4 +189,4 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
     assert store.read_text().count("\n") == lines  # read back, not recomputed
     for ex in examples:  # the copying reader: the answer is likeliest given the document that holds it
         assert int(loglik[ex.id].argmax()) == ex.supporting.index(True)
-        assert attention[ex.id].shape == (4,) and 0 < float(attention[ex.id].sum()) <= 1
+        assert attention[ex.id].shape == (4,) and bool(torch.isfinite(attention[ex.id]).all())

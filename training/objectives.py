@@ -9,8 +9,9 @@ Every objective takes the reranker's scores ``w`` ``[B, n]``. The reranker's dis
   ``q = softmax(log P(a|q,d_i))``, the reader's answer likelihood given each candidate alone.
 * ``emdr`` (EMDR², Sachan et al. 2021): the candidates as a latent variable,
   ``-log sum_i p_w(i) P(a|q,d_i)``.
-* ``adist`` (attention distillation, Izacard & Grave 2021): ``KL(q || p_w)`` with ``q`` the share of the
-  reader's attention each candidate receives from the answer tokens when it reads all of them.
+* ``adist`` (attention distillation, Izacard & Grave 2021): ``KL(q || p_w)`` with ``q = softmax(a)``, ``a_i``
+  the reader's attention logits on candidate ``i`` when it reads all of them, averaged over layers, heads and
+  the candidate's tokens (:meth:`grerank.decoder_reader.DecoderReader.document_attention`).
 * ``supervised``: binary cross-entropy of ``w`` against the supporting-paragraph labels; an upper reference
   that uses labels the other objectives never see.
 
@@ -25,7 +26,7 @@ from grerank.gumbel_topk import relaxed_topk_mask
 
 OBJECTIVES = ("grerank", "pdist", "emdr", "adist", "supervised")
 # Objectives whose targets are the frozen reader's per-candidate signals, computed once before training.
-NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "adist": "attention"}
+NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "adist": "attention_score"}
 
 
 def _log_p(scores: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -66,8 +67,8 @@ def emdr_loss(scores: torch.Tensor, answer_loglik: torch.Tensor, kappa: float) -
     return -torch.logsumexp(_log_p(scores, kappa) + answer_loglik.float(), dim=-1).mean()
 
 
-def adist_loss(scores: torch.Tensor, attention_mass: torch.Tensor, kappa: float) -> torch.Tensor:
-    return kl_to_target(scores, attention_mass.float().clamp_min(1e-9).log(), kappa)
+def adist_loss(scores: torch.Tensor, attention_score: torch.Tensor, kappa: float) -> torch.Tensor:
+    return kl_to_target(scores, attention_score, kappa)
 
 
 def supervised_loss(scores: torch.Tensor, supporting: torch.Tensor) -> torch.Tensor:

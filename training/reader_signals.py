@@ -1,8 +1,9 @@
 """The frozen reader's per-candidate signals that the distillation baselines learn from.
 
 * ``loglik``: ``log P(answer | question, d_i)`` with the reader given candidate ``i`` alone (PDist, EMDR);
-* ``attention``: the share of attention the answer tokens give candidate ``i`` when the reader reads all
-  of them (ADist).
+* ``attention_score``: the reader's attention logits on candidate ``i`` when it reads all of them, averaged
+  over layers, heads and the candidate's tokens (ADist). (An earlier ``attention`` signal, the summed
+  attention mass, ranked candidates by length; its stored rows are ignored.)
 
 The reader is frozen, so these are constants: computed once per example and kept in a JSON-lines file
 keyed by the reader's state signature and the example's content, shared by every run and seed.
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from grerank.doc_state_cache import DocStateCache
 from grerank.qa_data import Example
 
-SIGNALS = ("loglik", "attention")
+SIGNALS = ("loglik", "attention_score")
 
 
 def _key(signature: str, example: Example) -> str:
@@ -36,7 +37,7 @@ def one_example(reader, states: list[torch.Tensor], example: Example, kind: str)
             [example.question] * n, [example.answer] * n, [states] * n, torch.eye(n)
         )
         return total.float().tolist()
-    if kind == "attention":
+    if kind == "attention_score":
         if not hasattr(reader, "document_attention"):
             raise ValueError(f"attention distillation needs a decoder reader, not {reader.family!r}")
         return reader.document_attention([example.question], [example.answer], [states])[0].tolist()
