@@ -268,9 +268,8 @@ class DecoderReader(Reader):
         distillation as Izacard & Grave (2021) aggregate it: the attention logits of the position that
         predicts the first answer token, averaged over layers, heads and the document's tokens.
 
-        A mean over the document's tokens, not their summed attention mass, which grows with the document's
-        length (on the shipped train split the summed mass ranks documents largely by length: rank
-        correlation 0.79, against 0.02 with their position). The logits are
+        A mean over the document's tokens, as published, not their summed attention mass, which grows with
+        the document's length. The logits are
         recovered as log-probabilities: ``log a = s - logsumexp(s)``, and the subtracted term is shared by
         every key of a query, so the documents' averages differ from the logits' by one constant, which the
         softmax over documents ignores.
