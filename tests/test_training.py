@@ -190,3 +190,15 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
     for ex in examples:  # the copying reader: the answer is likeliest given the document that holds it
         assert int(loglik[ex.id].argmax()) == ex.supporting.index(True)
         assert attention[ex.id].shape == (4,) and bool(torch.isfinite(attention[ex.id]).all())
+
+
+def test_supervised_loss_ranks_within_a_question_whatever_the_score_level() -> None:
+    from training.objectives import supervised_loss
+
+    labels = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    right, wrong = torch.tensor([[0.6, 0.1, 0.2, 0.5]]), torch.tensor([[0.1, 0.6, 0.5, 0.2]])
+    assert supervised_loss(right, labels, 10.0) < supervised_loss(wrong, labels, 10.0)
+    # Shifting every score of a question changes nothing: no reward for lowering all cosines at once.
+    assert supervised_loss(right - 0.7, labels, 10.0).item() == pytest.approx(
+        supervised_loss(right, labels, 10.0).item()
+    )

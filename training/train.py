@@ -226,7 +226,7 @@ def batch_loss(
         )
     elif args.objective == "supervised":
         labels = torch.tensor([ex.supporting for ex in batch], device=scores.device)
-        loss = objectives.supervised_loss(scores, labels)
+        loss = objectives.supervised_loss(scores, labels, args.kappa)
     else:
         target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
         loss_fn = {
