@@ -41,6 +41,7 @@ from grerank.qa_data import Example
 from grerank.readers import load_reader
 from grerank.reranker import build_reranker
 from grerank.runtime import resolve_dtype
+from training import report
 from training.reader_signals import reader_signals
 from training.train import load_split
 
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--draws", type=int, default=32, help="Gumbel draws per question and setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-cache-dir", default="runs/doc-states", help="document states and reader signals")
-    p.add_argument("--out", default="results/gradient-check.json")
+    p.add_argument(
+        "--out", default="results/gradient-check/default.json", help="JSON; the report reads that folder"
+    )
     args = p.parse_args(argv)
 
     device = torch.device("cpu")
@@ -179,17 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"cosine with the exact gradient of the expected top-{args.k} NLL, "
-        f"mean over {len(examples)} questions"
-    )
-    print("| setting | relaxed, mean of draws | relaxed, one draw | pdist | mean/std of draws |")
-    print("|---|---|---|---|---|")
-    for name, s in summary.items():
-        print(
-            f"| {name} | {s['relaxed_mean']:.2f} | {s['relaxed_single']:.2f} | {s['pdist']:.2f} "
-            f"| {s['snr']:.2f} |"
-        )
+    print("\n".join(report.gradient_check_table([result])))
     return result
 
 
