@@ -57,3 +57,11 @@ def test_the_report_shows_each_setting_with_its_command() -> None:
     assert "| k=2 tau=0.5 kappa=10.0, 8 draws | 2 | 0.50 | 0.25 | 0.12 | 0.75 |" in text
     assert "`python -m training.gradient_check --questions 2`" in text
     assert report.gradient_check_table([]) == []
+
+
+def test_pdist_gradient_is_kappa_times_p_minus_q() -> None:
+    from training.gradient_check import pdist_gradient
+
+    scores, loglik, kappa = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([-3.0, -1.0, -2.0]), 4.0
+    p, q = torch.softmax(kappa * scores, -1), torch.softmax(loglik, -1)
+    assert torch.allclose(pdist_gradient(scores, loglik, kappa), kappa * (p - q), atol=1e-6)

@@ -36,12 +36,11 @@ from tqdm.auto import tqdm
 
 from grerank import model_paths
 from grerank.doc_state_cache import DocStateCache
-from grerank.gumbel_topk import relaxed_topk_mask
 from grerank.qa_data import Example
 from grerank.readers import load_reader
 from grerank.reranker import build_reranker
 from grerank.runtime import resolve_dtype
-from training import report
+from training import objectives, report
 from training.reader_signals import reader_signals
 from training.train import load_split
 
@@ -82,15 +81,24 @@ def relaxed_gradients(
     reader, example: Example, states: list[torch.Tensor], scores: torch.Tensor, k: int, tau: float,
     kappa: float, draws: int, generator: torch.Generator, chunk: int = 8,
 ) -> torch.Tensor:  # fmt: skip
-    """Per-draw gradients ``[draws, n]`` of the G-Rerank loss (training's, one question) in the scores."""
+    """Per-draw gradients ``[draws, n]`` of training's G-Rerank loss (:func:`training.objectives.grerank_nll`,
+    one question) in the scores."""
     grads = []
     for start in range(0, draws, chunk):
         size = min(chunk, draws - start)
         w = scores.detach().float().repeat(size, 1).requires_grad_()
-        mask = relaxed_topk_mask(w, k, tau, kappa, generator)
-        nll = reader.answer_nll([example.question] * size, [example.answer] * size, [states] * size, mask)
-        grads.append(torch.autograd.grad(nll.sum(), w)[0])
+        loss = objectives.grerank_nll(
+            w, reader, [example.question] * size, [example.answer] * size, [states] * size, k, tau, kappa,
+            generator,
+        )  # fmt: skip
+        grads.append(size * torch.autograd.grad(loss, w)[0])  # the loss is the mean over the rows
     return torch.cat(grads)
+
+
+def pdist_gradient(scores: torch.Tensor, loglik: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Gradient ``[n]`` of training's PDist loss (:func:`training.objectives.pdist_loss`) in the scores."""
+    w = scores.detach().float()[None].requires_grad_()
+    return torch.autograd.grad(objectives.pdist_loss(w, loglik[None], kappa), w)[0][0]
 
 
 @torch.no_grad()
@@ -151,13 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
         nll = subset_nll(reader, example, states, subsets)
         with torch.no_grad():
             scores = reranker.predict(example.question, [p.as_text() for p in example.passages])
-        q = torch.softmax(loglik[example.id].float(), -1)
         for tau, kappa in settings:
             expected, exact = exact_gradient(scores, kappa, subsets, nll)
             grads = relaxed_gradients(
                 reader, example, states, scores, args.k, tau, kappa, args.draws, generator
             )
-            pdist = kappa * (torch.softmax(kappa * scores, -1) - q)
+            pdist = pdist_gradient(scores, loglik[example.id], kappa)
             rows[f"tau={tau} kappa={kappa}"].append(
                 {
                     "id": example.id,

@@ -229,12 +229,7 @@ def batch_loss(
         loss = objectives.supervised_loss(scores, labels, args.kappa)
     else:
         target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
-        loss_fn = {
-            "pdist": objectives.pdist_loss,
-            "emdr": objectives.emdr_loss,
-            "adist": objectives.adist_loss,
-        }
-        loss = loss_fn[args.objective](scores, target, args.kappa)
+        loss = objectives.DISTILLATION[args.objective](scores, target, args.kappa)
     parts = {args.objective: loss.item()}
     if args.anchor_weight > 0:
         start = torch.stack([start_scores[ex.id] for ex in batch]).to(scores.device)
