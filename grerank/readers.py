@@ -7,6 +7,7 @@ A reader is frozen. ``encode_documents`` gives per-passage states (computed with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -52,15 +53,16 @@ class Reader:
         """Everything a document's states depend on besides the document: weights, precision, input format.
 
         Cached states (:mod:`grerank.doc_state_cache`) are keyed by it; the checksum of the input embeddings
-        tells apart two models saved to the same folder.
+        tells apart two models saved to the same folder. It hashes their bytes: a float sum rounds differently
+        with another thread count, and a process with that count missed every cached state.
         """
-        embeddings = self.model.get_input_embeddings().weight
+        embeddings = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
         return "|".join(
             [
                 self.family,
                 str(getattr(self.model.config, "_name_or_path", "")),
                 str(self.dtype),
-                f"{embeddings.float().sum().item():.6e}",
+                hashlib.sha256(embeddings.view(torch.uint8).numpy()).hexdigest()[:16],
                 self.input_format(),
             ]
         )

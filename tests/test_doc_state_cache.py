@@ -77,3 +77,19 @@ def test_keys_depend_on_the_reader_and_for_fid_on_the_question(
     assert mine.key(PASSAGES[0], "q1") == mine.key(PASSAGES[0], "q2")  # decoder documents stand alone
     fid = DocStateCache(FiDReader.from_pretrained(tiny_t5_dir), 0)
     assert fid.key(PASSAGES[0], "q1") != fid.key(PASSAGES[0], "q2")
+
+
+def test_keys_do_not_depend_on_the_thread_count_but_on_every_embedding_weight(tiny_llama_dir: Path) -> None:
+    reader = DecoderReader.from_pretrained(tiny_llama_dir)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = DocStateCache(reader, 0).key(PASSAGES[0])
+        torch.set_num_threads(2)
+        assert DocStateCache(reader, 0).key(PASSAGES[0]) == one
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        weight = reader.model.get_input_embeddings().weight
+        weight[-1, -1] = torch.nextafter(weight[-1, -1], torch.tensor(float("inf")))
+    assert DocStateCache(reader, 0).key(PASSAGES[0]) != one  # a one-ulp change is another model
