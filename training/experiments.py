@@ -55,7 +55,7 @@ def sweep_point(name: str, *flags: str) -> Method:
     return Method(name, ("--epochs", "1", *flags), note=" ".join(flags) or "the training CLI's defaults")
 
 
-# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time.
+# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time, then pairs.
 SWEEP = [
     sweep_point("default"),
     sweep_point("anchor0", "--anchor-weight", "0"),
@@ -70,6 +70,8 @@ SWEEP = [
     sweep_point("lr1e-5", "--lr", "1e-5"),
     sweep_point("lr5e-5", "--lr", "5e-5"),
     sweep_point("draws4", "--mask-draws", "4"),
+    # The two variance cuts together (training.gradient_check: each alone aligns the step with the exact one).
+    sweep_point("tau1-draws4", "--tau", "1.0", "--mask-draws", "4"),
 ]
 
 
