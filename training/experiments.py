@@ -43,6 +43,7 @@ METHODS = [
     Method("zero-shot", None, "zero-shot", "the untrained MiniLM bi-encoder the others start from"),
     Method("grerank", (), note="G-Rerank, the training CLI's defaults"),
     Method("grerank-mix", ("--mix-start", "0.5"), note="G-Rerank, weights mixed half-way back to the start"),
+    Method("grerank-draws4", ("--mask-draws", "4"), note="G-Rerank, 4 Gumbel masks per question and step"),
     Method("pdist", ("--objective", "pdist", *BASELINE_FLAGS), note="perplexity distillation"),
     Method("emdr", ("--objective", "emdr", *BASELINE_FLAGS), note="EMDR: documents as latent variables"),
     Method("adist", ("--objective", "adist", *BASELINE_FLAGS), note="attention distillation"),
