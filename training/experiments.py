@@ -43,6 +43,7 @@ METHODS = [
     Method("zero-shot", None, "zero-shot", "the untrained MiniLM bi-encoder the others start from"),
     Method("grerank", (), note="G-Rerank, the training CLI's defaults"),
     Method("grerank-mix", ("--mix-start", "0.5"), note="G-Rerank, weights mixed half-way back to the start"),
+    Method("grerank-draws4", ("--mask-draws", "4"), note="G-Rerank, 4 Gumbel masks per question and step"),
     Method("pdist", ("--objective", "pdist", *BASELINE_FLAGS), note="perplexity distillation"),
     Method("emdr", ("--objective", "emdr", *BASELINE_FLAGS), note="EMDR: documents as latent variables"),
     Method("adist", ("--objective", "adist", *BASELINE_FLAGS), note="attention distillation"),
@@ -55,7 +56,7 @@ def sweep_point(name: str, *flags: str) -> Method:
     return Method(name, ("--epochs", "1", *flags), note=" ".join(flags) or "the training CLI's defaults")
 
 
-# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time.
+# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time, then pairs.
 SWEEP = [
     sweep_point("default"),
     sweep_point("anchor0", "--anchor-weight", "0"),
@@ -70,6 +71,8 @@ SWEEP = [
     sweep_point("lr1e-5", "--lr", "1e-5"),
     sweep_point("lr5e-5", "--lr", "5e-5"),
     sweep_point("draws4", "--mask-draws", "4"),
+    # The two variance cuts together (training.gradient_check: each alone aligns the step with the exact one).
+    sweep_point("tau1-draws4", "--tau", "1.0", "--mask-draws", "4"),
 ]
 
 

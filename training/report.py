@@ -174,7 +174,7 @@ def sweep_table(sweep: dict[str, list[dict]], methods: dict[str, list[dict]]) ->
     lines = [
         "## G-Rerank hyperparameter sweep (dev; one epoch a point)",
         "",
-        "One flag changed from the training CLI's defaults per row. Reader NLL is the dev answer loss at the",
+        "The flags changed from the training CLI's defaults, per row. Reader NLL is the dev answer loss at the",
         "top k, which each run selects its checkpoint by (no labels); a point that changes k reads another",
         "number of documents, so its NLL does not compare with the others'.",
         "",
