@@ -56,7 +56,7 @@ def sweep_point(name: str, *flags: str) -> Method:
     return Method(name, ("--epochs", "1", *flags), note=" ".join(flags) or "the training CLI's defaults")
 
 
-# G-Rerank's own knobs on dev (results in RESULTS/sweep), one flag changed from the defaults at a time, then pairs.
+# G-Rerank's own knobs on dev (results in RESULTS/sweep): one flag changed from the defaults, then pairs.
 SWEEP = [
     sweep_point("default"),
     sweep_point("anchor0", "--anchor-weight", "0"),

@@ -174,9 +174,9 @@ def sweep_table(sweep: dict[str, list[dict]], methods: dict[str, list[dict]]) ->
     lines = [
         "## G-Rerank hyperparameter sweep (dev; one epoch a point)",
         "",
-        "The flags changed from the training CLI's defaults, per row. Reader NLL is the dev answer loss at the",
-        "top k, which each run selects its checkpoint by (no labels); a point that changes k reads another",
-        "number of documents, so its NLL does not compare with the others'.",
+        "Each row changes the flags shown from the training CLI's defaults. Reader NLL is the dev answer",
+        "loss at the top k, which each run selects its checkpoint by (no labels); a point that changes k",
+        "reads another number of documents, so its NLL does not compare with the others'.",
         "",
         "| point | seeds | flags | " + " | ".join(label for _, _, label in SWEPT) + " | reader NLL |",
         "|" + "---|" * (len(SWEPT) + 4),
