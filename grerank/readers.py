@@ -54,7 +54,7 @@ class Reader:
 
         Cached states (:mod:`grerank.doc_state_cache`) are keyed by it; the checksum of the input embeddings
         tells apart two models saved to the same folder. It hashes their bytes: a float sum rounds differently
-        with another thread count, and a process with that count missed every cached state.
+        with another thread count, and a process with that count would miss every cached state.
         """
         embeddings = self.model.get_input_embeddings().weight.detach().cpu().contiguous()
         return "|".join(

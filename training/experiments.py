@@ -71,7 +71,7 @@ SWEEP = [
     sweep_point("lr1e-5", "--lr", "1e-5"),
     sweep_point("lr5e-5", "--lr", "5e-5"),
     sweep_point("draws4", "--mask-draws", "4"),
-    # The two variance cuts together (training.gradient_check: each alone aligns the step with the exact one).
+    # Both variance cuts at once (training.gradient_check: each brings a step closer to the exact gradient).
     sweep_point("tau1-draws4", "--tau", "1.0", "--mask-draws", "4"),
 ]
 
