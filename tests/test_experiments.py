@@ -64,3 +64,11 @@ def test_grid_trains_evaluates_and_reports_every_method(
     assert re.search(r"the best answer R@1 among them: (default|anchor0|none)\.", sweep)
     assert "python -m training.train --epochs 1 --anchor-weight 0 " in report
     assert "--seed 0 --out runs/sweep/anchor0-seed0 --resume" in report
+
+
+def test_only_keeps_the_order_given_within_each_seed(tmp_path: Path, capsys) -> None:
+    argv = ["--only", "pdist", "grerank", "bm25", "pdist", "--seeds", "0", "1", "--results", str(tmp_path),
+            "--dry-run"]  # fmt: skip
+    experiments.main(argv)
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    assert headers == ["# bm25", "# pdist-seed0", "# grerank-seed0", "# pdist-seed1", "# grerank-seed1"]

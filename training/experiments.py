@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--only", nargs="*", default=None, help="method (or sweep point) names (default: all)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="method (or sweep point) names; untrained first, then seed by seed, each in the order given",
+    )
     p.add_argument(
         "--sweep", action="store_true", help="run the G-Rerank hyperparameter sweep, not the methods"
     )
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.only or []) - set(known)
     if unknown:
         p.error(f"unknown names {sorted(unknown)}; known: {sorted(known)}")
-    methods = [m for m in grid if args.only is None or m.name in args.only]
+    methods = grid if args.only is None else [known[n] for n in dict.fromkeys(args.only)]
     seeds = args.seeds if args.seeds is not None else [0] if args.sweep else [0, 1]
     runs = args.runs or f"runs/{kind}"
     results = Path(args.results)
