@@ -98,7 +98,7 @@ def markdown(
             lines.append("| " + " | ".join(row) + " |")
         first = next(iter(methods.values()))
         lines += ["", f"Questions behind each figure: {counts(first, group)}.", ""]
-    lines += selected_checkpoints(methods)
+    lines += selected_checkpoints([*methods.values(), *sweep.values()])
     lines += verdict(methods)
     lines += sweep_table(sweep, methods)
     lines += gradient_check_table(checks)
@@ -113,7 +113,7 @@ def markdown(
     return "\n".join(lines)
 
 
-def selected_checkpoints(methods: dict[str, list[dict]]) -> list[str]:
+def selected_checkpoints(runs: Sequence[list[dict]]) -> list[str]:
     """Which update each trained run kept (the best dev reader NLL at the top k, no labels): update 0 means
     that no update improved on the starting reranker, so the artifact is the starting reranker."""
     lines = [
@@ -126,7 +126,7 @@ def selected_checkpoints(methods: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|---|",
     ]
     rows = 0
-    for results in methods.values():
+    for results in runs:
         for r in results:
             metrics = ((r.get("reranker") or {}).get("manifest") or {}).get("metrics")
             if metrics:
