@@ -160,7 +160,7 @@ class DecoderReader(Reader):
 
     @torch.no_grad()
     def encode_documents(
-        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 16
+        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 1
     ) -> list[torch.Tensor]:
         """Key/value states of each passage, encoded on its own after the prefix (``question`` is unused)."""
         del question  # decoder documents do not depend on the question: that is what makes them cacheable

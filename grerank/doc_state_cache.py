@@ -12,8 +12,9 @@ FiD, the question), never on the mask or the reranker (DESIGN.md section 3). So 
   byte budget (least-recently-used files removed first). It survives restarts and is shared by every run
   and process that uses the same reader, so a sweep pays for document encoding once.
 
-Misses are encoded ``encode_batch_size`` at a time; a document's states do not depend on its batch
-companions, but the service uses 1 so that cached and fresh states are bit-identical.
+Misses are encoded one document per encoder call: a batch's GEMM shapes change the rounding of its
+documents' states, so batched misses would make a document's states (and the reader's greedy answers) depend
+on which other documents happened to miss with it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 from grerank.passage import Passage
 from grerank.readers import Reader
 
+STATES_FORMAT = "one-document-per-call"  # a new tag when how states are computed changes
+
 
 def _nbytes(states: torch.Tensor) -> int:
     return states.numel() * states.element_size()
@@ -42,13 +45,13 @@ class DocStateCache:
         memory_bytes: int,
         disk_dir: str | Path | None = None,
         disk_bytes: int = 0,
-        encode_batch_size: int = 16,
     ) -> None:
         self.reader = reader
         self.memory_budget = memory_bytes
         self.disk_budget = disk_bytes if disk_dir else 0
-        self.encode_batch_size = encode_batch_size
-        self._namespace = hashlib.sha256(reader.state_signature().encode()).hexdigest()[:16]
+        # States cached before the format tag were encoded in batches: the tag keeps them out.
+        signature = f"{reader.state_signature()}|{STATES_FORMAT}"
+        self.namespace = hashlib.sha256(signature.encode()).hexdigest()[:16]
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.memory_bytes = 0
         self._lock = threading.Lock()
@@ -56,7 +59,7 @@ class DocStateCache:
         self._disk: Path | None = None
         self._disk_files: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         if disk_dir and disk_bytes > 0:
-            self._disk = Path(disk_dir) / self._namespace
+            self._disk = Path(disk_dir) / self.namespace
             self._disk.mkdir(parents=True, exist_ok=True)
             files = sorted(self._disk.glob("*.pt"), key=lambda f: f.stat().st_mtime)
             self._disk_files.update((f.name, f.stat().st_size) for f in files)
@@ -70,7 +73,7 @@ class DocStateCache:
         return len(self._memory)
 
     def key(self, passage: Passage, question: str | None = None) -> str:
-        parts = [self._namespace, passage.title, passage.text]
+        parts = [self.namespace, passage.title, passage.text]
         if self.reader.states_depend_on_question:
             parts.append(question or "")
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -86,14 +89,9 @@ class DocStateCache:
         keys = [self.key(p, question) for p in passages]
         found = [self._lookup(key) for key in keys]
         missing = [i for i, s in enumerate(found) if s is None]
-        for start in range(0, len(missing), self.encode_batch_size):
-            chunk = missing[start : start + self.encode_batch_size]
-            encoded = self.reader.encode_documents(
-                [passages[i] for i in chunk], question=question, batch_size=self.encode_batch_size
-            )
-            for i, states in zip(chunk, encoded, strict=True):
-                found[i] = states
-                self._store(keys[i], states)
+        for i in missing:
+            found[i] = self.reader.encode_documents([passages[i]], question=question)[0]
+            self._store(keys[i], found[i])
             if check is not None:
                 check()
         return found  # type: ignore[return-value]

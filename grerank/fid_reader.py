@@ -67,7 +67,7 @@ class FiDReader(Reader):
 
     @torch.no_grad()
     def encode_documents(
-        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 16
+        self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 1
     ) -> list[torch.Tensor]:
         """Encoder states of each (question, passage) pair, encoded on its own, ``[L_i, d_model]`` each."""
         if question is None:

@@ -64,13 +64,11 @@ class Pipeline:
         self.index = index
         self.settings = settings
         self.metrics = metrics
-        # One document per encoder call, so cached and freshly encoded states are bit-identical.
         self.reader_cache = DocStateCache(
             models.reader,
             settings.reader_cache_mb * 2**20,
             settings.reader_cache_dir or settings.index_dir / "reader-states",
             settings.reader_cache_disk_mb * 2**20,
-            encode_batch_size=1,
         )
         self.truncation = TruncationPolicy(models.reranker, models.reader)
         # bf16 on CPUs with AVX512-BF16/AMX, bf16 or fp16 on a GPU (GRERANK_PRECISION), fp32 otherwise.

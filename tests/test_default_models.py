@@ -7,7 +7,10 @@ import torch
 
 from grerank import model_paths
 from grerank.decoder_reader import DecoderReader
+from grerank.doc_state_cache import DocStateCache
 from grerank.passage import Passage
+from grerank.qa_data import load_examples, split_path
+from grerank.readers import load_reader
 from grerank.sentence_encoder import SentenceEncoder
 
 pytestmark = pytest.mark.real_models
@@ -43,3 +46,13 @@ def test_a_missing_model_names_what_to_install(tmp_path) -> None:
         model_paths.resolve("reader", "no-such-model")
     with pytest.raises(model_paths.ModelNotAvailable, match="config.json"):
         model_paths.resolve("embedder", tmp_path)
+
+
+def test_cached_states_do_not_depend_on_which_documents_missed_together() -> None:
+    """Batched bf16 GEMMs round a document's states differently from its own (enough to change greedy
+    answers), so the cache encodes each miss alone: the same bits whatever else missed with it."""
+    reader = load_reader(model_paths.resolve("reader"), "decoder", "cpu", torch.bfloat16)
+    passages = load_examples(split_path("dev"), limit=1)[0].passages
+    together = DocStateCache(reader, 1 << 30).states(passages)
+    alone = DocStateCache(reader, 1 << 30).states(passages[3:4])[0]
+    assert torch.equal(together[3], alone)

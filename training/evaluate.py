@@ -35,7 +35,7 @@ from grerank.artifact import load_artifact, sha256_file
 from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.qa_data import Example, split_path
-from grerank.readers import READER_FAMILIES, Reader, load_reader
+from grerank.readers import READER_FAMILIES, load_reader
 from grerank.reranker import Reranker, build_reranker
 from grerank.runtime import PRECISIONS, resolve_device, resolve_dtype
 from training.bm25 import BM25
@@ -112,11 +112,12 @@ def scores_for(scorer: Reranker | str, examples: list[Example], bf16: bool) -> l
 
 
 class AnswerStore:
-    """Generated answers on disk, keyed by reader, question, the documents read and the length limit."""
+    """Generated answers on disk, keyed by the states' namespace (reader and how states are computed),
+    question, the documents read and the length limit."""
 
-    def __init__(self, path: Path, reader: Reader) -> None:
+    def __init__(self, path: Path, cache: DocStateCache) -> None:
         self.path = path
-        self.signature = reader.state_signature()
+        self.signature = cache.namespace
         self.answers: dict[str, str] = {}
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -197,7 +198,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         reader = load_reader(model_paths.resolve("reader", args.reader), args.reader_family, device, dtype)
         state_dir = Path(args.state_cache_dir)
         cache = DocStateCache(reader, 2 << 30, state_dir, int(args.cache_disk_gb * (1 << 30)))
-        store = AnswerStore(state_dir / "answers.jsonl", reader)
+        store = AnswerStore(state_dir / "answers.jsonl", cache)
         m = args.answer_questions or len(examples)
         for k in args.k:
             metrics, preds = answer_metrics(examples[:m], scores[:m], k, cache, store, args.max_new_tokens)
