@@ -131,7 +131,7 @@ def reader_alone(reader: DecoderReader, cases: list[tuple[str, list[Passage]]], 
         start = time.perf_counter()
         first = None
         if states is None:
-            states = reader.encode_documents(passages, batch_size=1)
+            states = reader.encode_documents(passages)
         for _ in reader.stream_answer(question, states, MAX_NEW_TOKENS):
             first = first or time.perf_counter()
         end = time.perf_counter()
@@ -153,7 +153,7 @@ def reader_alone(reader: DecoderReader, cases: list[tuple[str, list[Passage]]], 
         end = time.perf_counter()
         return (clock.first or end) - start, end - start
 
-    cached = {q: reader.encode_documents(p, batch_size=1) for q, p in cases}
+    cached = {q: reader.encode_documents(p) for q, p in cases}
     measures: dict[str, list[Seconds]] = {"cached": [], "encoded": [], "baseline": []}
     ours(*cases[0], None), baseline(*cases[0])  # warm-up
     for _ in range(repeats):

@@ -74,9 +74,8 @@ class Reader:
     def encode_documents(
         self, passages: Sequence[Passage], question: str | None = None, batch_size: int = 1
     ) -> list[torch.Tensor]:
-        """States of each passage. ``batch_size`` 1 by default: batched GEMMs round differently from a lone
-        passage's (bf16 SmolLM2: up to 0.44 apart, enough to change 6 of 40 greedy answers), and on a 2-core
-        CPU one at a time was also faster (186 against 220 ms a passage: no padding)."""
+        """States of each passage. ``batch_size`` 1 by default: a batch's GEMMs round a document's states
+        differently from its own, enough to change greedy answers (README, "Results so far")."""
         raise NotImplementedError
 
     def answer_log_likelihood(
