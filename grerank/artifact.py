@@ -1,38 +1,40 @@
-"""The versioned reranker artifact: the contract between training and the service (DESIGN.md section 6).
+"""Versioned artifacts: the contract between training and the service (DESIGN.md section 6).
 
-A folder holding the reranker (weights, tokenizer, ``reranker.json``) and ``manifest.json`` with the format
-version, architecture and base model, G-Rerank hyperparameters, data and code provenance, dev metrics and
-the sha256 of every other file. Loading refuses a folder whose format version or checksums do not match.
+An artifact is a folder of model files beside ``manifest.json``: its ``kind`` (``reranker``, or ``reader`` for
+a reader adapter, grerank.reader_artifact), the format version, the model's configuration and base model,
+hyperparameters, data and code provenance, dev metrics and the sha256 of every other file. Loading refuses a
+folder whose kind, format version or checksums do not match.
+
+This module writes and verifies any kind, and loads the reranker kind: the reranker (weights or a LoRA
+adapter over its base model, tokenizer, ``reranker.json``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grerank.checksums import ArtifactError, sha256_file, weights_checksum
 from grerank.reranker import Reranker
+
+__all__ = [
+    "ArtifactError",
+    "read_manifest",
+    "sha256_file",
+    "weights_checksum",
+    "write_artifact",
+    "write_folder",
+]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class ArtifactError(RuntimeError):
-    """The artifact is missing, of another format version, or does not match its checksums."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version() -> dict[str, Any]:
@@ -52,8 +54,8 @@ def code_version() -> dict[str, Any]:
         return {"git_commit": None, "dirty": None}
 
 
-def write_artifact(folder: str | Path, reranker: Reranker, **sections: Any) -> Path:
-    """Save ``reranker`` and a manifest with ``sections`` (hyperparameters, data, metrics, reader...).
+def write_folder(folder: str | Path, kind: str, save: Callable[[Path], None], **sections: Any) -> Path:
+    """``save(tmp)`` the model files, then a manifest of ``kind`` with ``sections`` and every file's sha256.
 
     Written into a temporary sibling folder and renamed into place, so a crash never leaves half an artifact.
     """
@@ -61,12 +63,12 @@ def write_artifact(folder: str | Path, reranker: Reranker, **sections: Any) -> P
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        reranker.save(tmp)
+        save(tmp)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
+            "kind": kind,
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "reranker": reranker.config(),
             "code": code_version(),
             **sections,
             "files": files,
@@ -81,16 +83,24 @@ def write_artifact(folder: str | Path, reranker: Reranker, **sections: Any) -> P
     return folder
 
 
-def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest, after checking the format version and (if ``verify``) every file's checksum."""
+def write_artifact(folder: str | Path, reranker: Reranker, **sections: Any) -> Path:
+    """Save ``reranker`` and a manifest with ``sections`` (hyperparameters, data, metrics, reader...)."""
+    return write_folder(folder, "reranker", reranker.save, reranker=reranker.config(), **sections)
+
+
+def read_manifest(folder: str | Path, verify: bool = True, kind: str = "reranker") -> dict[str, Any]:
+    """The manifest, after checking its kind, the format version and (if ``verify``) every file's checksum."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{folder} is not a reranker artifact: {MANIFEST} is missing")
+        raise ArtifactError(f"{folder} is not a {kind} artifact: {MANIFEST} is missing")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    found = manifest.get("kind", "reranker")  # artifacts written before kinds existed are rerankers
+    if found != kind:
+        raise ArtifactError(f"{folder} is a {found} artifact, not a {kind} artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizer
 
 from grerank.masked_attention import causal_block, concat_documents, document_log_mask, key_bias, to_additive
 from grerank.passage import Passage
+from grerank.reader_adapter import adapter_off
 from grerank.readers import Reader
 from grerank.text_stream import IncrementalDecoder
 
@@ -84,8 +85,12 @@ class DecoderReader(Reader):
         max_document_tokens: int = 256,
         max_question_tokens: int = 128,
         max_answer_tokens: int = 32,
+        adapter=None,
     ) -> None:
+        # ``adapter``: a peft model wrapping ``model`` (grerank.reader_adapter); it acts on question and
+        # answer tokens only, so the prefix and document states below are always the base model's.
         self.model = model.eval().requires_grad_(False)
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.prompt = prompt or PromptFormat.for_tokenizer(tokenizer)
         self.max_document_tokens = max_document_tokens
@@ -147,7 +152,9 @@ class DecoderReader(Reader):
             ids = torch.tensor([self.prefix_ids], device=self.device)
             length = ids.shape[1]
             positions = torch.arange(length, device=self.device)[None]
-            cache = self._run(ids, causal_block(length, self.device)[None], positions, None).past_key_values
+            with adapter_off(self.adapter):
+                cache = self._run(ids, causal_block(length, self.device)[None], positions, None)
+            cache = cache.past_key_values
             self._prefix_states = self._cache_tensor(cache, 0)[:, :, 0]
         return self._prefix_states
 
@@ -182,7 +189,8 @@ class DecoderReader(Reader):
             ).expand(len(chunk), -1, -1)
             positions = (prefix_len + torch.arange(width, device=self.device)).expand(len(chunk), -1)
             past = prefix[:, :, None].expand(-1, -1, len(chunk), -1, -1, -1).contiguous()
-            cache = self._run(ids, mask, positions, past).past_key_values
+            with adapter_off(self.adapter):
+                cache = self._run(ids, mask, positions, past).past_key_values
             doc_states = self._cache_tensor(cache, prefix_len)
             for row, (i, length) in enumerate(zip(chunk, lengths, strict=True)):
                 states[i] = doc_states[:, :, row, :, :length].clone()

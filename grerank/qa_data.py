@@ -33,6 +33,9 @@ class Example:
     def answer(self) -> str:
         return self.answers[0]
 
+    def supporting_indices(self) -> list[int]:
+        return [i for i, s in enumerate(self.supporting) if s]
+
     def answer_bearing(self) -> list[bool]:
         """Passages whose normalised text contains a normalised answer (supporting ones, if labelled)."""
         answers = [normalize_answer(a) for a in self.answers]

@@ -23,6 +23,7 @@ class Reader:
     family: str
     auto_model: type  # the transformers Auto class that loads this family
     states_depend_on_question = False  # FiD encodes (question, passage) pairs; decoder documents stand alone
+    adapter_id: str | None = None  # checksum of a trained adapter (grerank.reader_artifact), if any
 
     def __init__(self, model: torch.nn.Module, tokenizer, **limits) -> None:
         raise NotImplementedError

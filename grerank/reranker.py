@@ -7,7 +7,10 @@ Two architectures behind one interface, the very classes that training updates a
 * ``CrossEncoderReranker``: a BERT-style encoder over ``[CLS] q [SEP] d [SEP]`` with a one-logit head
   (a new head on MiniLM needs training before its scores mean anything).
 
-``save``/``load`` use a folder with ``reranker.json`` beside the Hugging Face weights and tokenizer.
+``save``/``load`` use a folder with ``reranker.json`` beside the Hugging Face weights and tokenizer, or, for
+a reranker trained as a LoRA adapter (``add_lora``), beside the adapter alone: ``reranker.json`` then names
+the base model and the checksum of its weights, and ``load`` merges the adapter into them, so what is served
+is a plain encoder (the service's batched backend reads its linear layers directly).
 """
 
 from __future__ import annotations
@@ -17,22 +20,58 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from grerank import model_paths
+from grerank.checksums import ArtifactError, weights_checksum
 from grerank.sentence_encoder import SentenceEncoder
 
 CONFIG_FILE = "reranker.json"
+# The attention and feed-forward projections of every BERT-style layer (not the pooler).
+LORA_TARGETS = r".*layer\.\d+\..*(query|key|value|dense)$"
 
 
 class Reranker(torch.nn.Module):
     """Common interface: ``forward(queries, documents)`` gives one score tensor per query."""
 
     architecture: str
+    lora_modules_to_save: list[str] | None = None  # new layers an adapter trains in full
 
     def __init__(self, base_model: str, max_length: int) -> None:
         super().__init__()
         self.base_model = base_model
         self.max_length = max_length
+        self.adapter: PeftModel | None = None  # set by add_lora: only the adapter trains and is saved
+        self.adapter_base: dict | None = None
+
+    def encoder_model(self) -> torch.nn.Module:
+        """The Hugging Face model an adapter wraps."""
+        raise NotImplementedError
+
+    def _set_encoder_model(self, model: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def add_lora(self, base_spec: str, rank: int = 16, alpha: float = 32.0, dropout: float = 0.05) -> None:
+        """Train a LoRA adapter instead of every weight; ``base_spec`` (``default`` or a folder) is what the
+        saved reranker names as its base, with the checksum of the base weights."""
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=LORA_TARGETS,
+            modules_to_save=self.lora_modules_to_save,
+        )
+        path = model_paths.resolve("reranker", base_spec)
+        self.adapter_base = {"spec": base_spec, "weights_sha256": weights_checksum(path)}
+        self.adapter = get_peft_model(self.encoder_model(), config)
+
+    def _save_weights(self, folder: Path) -> None:
+        if self.adapter is None:
+            self.encoder_model().save_pretrained(folder)
+        else:
+            self.adapter.save_pretrained(folder)
+            (folder / "README.md").unlink(missing_ok=True)  # peft's generic model card
 
     @property
     def device(self) -> torch.device:
@@ -58,11 +97,9 @@ class Reranker(torch.nn.Module):
         return [self.predict(q, docs, bf16) for q, docs in zip(queries, documents, strict=True)]
 
     def config(self) -> dict:
-        return {
-            "architecture": self.architecture,
-            "base_model": self.base_model,
-            "max_length": self.max_length,
-        }
+        config = {"architecture": self.architecture, "base_model": self.base_model}
+        config["max_length"] = self.max_length
+        return config | ({"adapter_base": self.adapter_base} if self.adapter_base else {})
 
     def save(self, folder: str | Path) -> None:
         raise NotImplementedError
@@ -76,7 +113,21 @@ class Reranker(torch.nn.Module):
         )
         if cls is None:
             raise ValueError(f"unknown reranker architecture {config['architecture']!r} in {folder}")
-        return cls.from_pretrained(folder, **{k: v for k, v in config.items() if k != "architecture"})
+        kwargs = {k: v for k, v in config.items() if k not in ("architecture", "adapter_base")}
+        base = config.get("adapter_base")
+        if base is None:
+            return cls.from_pretrained(folder, **kwargs)
+        path = model_paths.resolve("reranker", base["spec"])
+        if weights_checksum(path) != base["weights_sha256"]:
+            raise ArtifactError(
+                f"{folder} is an adapter over base weights {base['weights_sha256'][:12]}... "
+                f"({base['spec']}), but {path} holds other weights"
+            )
+        reranker = cls.from_pretrained(path, **kwargs)
+        reranker.tokenizer_from(folder)
+        merged = PeftModel.from_pretrained(reranker.encoder_model(), str(folder)).merge_and_unload()
+        reranker._set_encoder_model(merged)
+        return reranker
 
     def _write_config(self, folder: Path) -> None:
         (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
@@ -122,16 +173,26 @@ class BiEncoderReranker(Reranker):
     def config(self) -> dict:
         return {**super().config(), "scale": self.scale}
 
+    def encoder_model(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    def _set_encoder_model(self, model: torch.nn.Module) -> None:
+        self.encoder.model = model
+
+    def tokenizer_from(self, folder: Path) -> None:
+        self.encoder.tokenizer = AutoTokenizer.from_pretrained(folder)
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.model.save_pretrained(folder)
+        self._save_weights(folder)
         self.encoder.tokenizer.save_pretrained(folder)
         self._write_config(folder)
 
 
 class CrossEncoderReranker(Reranker):
     architecture = "cross-encoder"
+    lora_modules_to_save = ["classifier"]  # the new one-logit head
 
     def __init__(self, model: torch.nn.Module, tokenizer, base_model: str, max_length: int = 256) -> None:
         super().__init__(base_model, max_length)
@@ -159,10 +220,19 @@ class CrossEncoderReranker(Reranker):
         logits = self.model(**batch).logits[:, 0].float()
         return list(logits.split([len(docs) for docs in documents]))
 
+    def encoder_model(self) -> torch.nn.Module:
+        return self.model
+
+    def _set_encoder_model(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def tokenizer_from(self, folder: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
+        self._save_weights(folder)
         self.tokenizer.save_pretrained(folder)
         self._write_config(folder)
 

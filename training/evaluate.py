@@ -117,7 +117,10 @@ class AnswerStore:
 
     def __init__(self, path: Path, cache: DocStateCache) -> None:
         self.path = path
-        self.signature = cache.namespace
+        # The untrained reader keeps the states' namespace as its signature, so answers stored before
+        # adapters existed stay valid; a trained reader adds its adapter.
+        reader = cache.reader
+        self.signature = cache.namespace + (f"|{reader.adapter_id}" if reader.adapter_id else "")
         self.answers: dict[str, str] = {}
         if path.is_file():
             for line in path.read_text().splitlines():

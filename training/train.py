@@ -38,7 +38,8 @@ from grerank.artifact import sha256_file, write_artifact
 from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
-from grerank.readers import READER_FAMILIES, load_reader
+from grerank.reader_artifact import load_configured_reader
+from grerank.readers import READER_FAMILIES
 from grerank.reranker import Reranker, build_reranker
 from grerank.runtime import (
     PRECISIONS,
@@ -76,8 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("models")
     g.add_argument("--reranker-arch", choices=("bi-encoder", "cross-encoder"), default="bi-encoder")
     g.add_argument("--reranker", default="default", help="starting weights: 'default' (MiniLM) or a folder")
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train a LoRA adapter of this rank (peft; alpha 2 x rank) instead of every weight: an artifact "
+        "of about a megabyte over the named base model; 0: full fine-tuning",
+    )
     g.add_argument("--reader", default="default", help="'default' (SmolLM2-135M-Instruct) or a model folder")
     g.add_argument("--reader-family", choices=READER_FAMILIES, default="auto")
+    g.add_argument(
+        "--reader-artifact",
+        default="shipped",
+        help="the trained reader adapter over --reader: 'shipped' (models/reader), a reader artifact folder, "
+        "or 'none' (the untrained reader)",
+    )
     g = p.add_argument_group("objective")
     g.add_argument(
         "--objective",
@@ -346,11 +360,15 @@ def main(argv: list[str] | None = None) -> dict:
     ]  # equal shards: every rank takes the same number of steps
 
     reranker_path = model_paths.resolve("reranker", args.reranker)
-    reader_path = model_paths.resolve("reader", args.reader)
-    reranker = build_reranker(args.reranker_arch, reranker_path).to(device)
+    reranker = build_reranker(args.reranker_arch, reranker_path)
+    if args.lora_rank:
+        reranker.add_lora(args.reranker, args.lora_rank, 2.0 * args.lora_rank)
+    reranker.to(device)
     weights = reranker.state_dict().items()
     start_weights = {k: v.detach().cpu().clone() for k, v in weights} if args.mix_start else {}
-    reader = load_reader(reader_path, args.reader_family, device, dtype)
+    reader, reader_manifest = load_configured_reader(
+        args.reader_artifact, args.reader, args.reader_family, device, dtype
+    )
     state_dir = Path(args.state_cache_dir)
     if args.cache_memory_gb is None:  # every process on this machine takes its share of half of what is free
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -516,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "model": str(args.reader),
                 "family": getattr(reader, "family", "decoder"),
                 "dtype": str(dtype),
+                "artifact": reader_manifest
+                and {"path": args.reader_artifact, "adapter_sha256": reader.adapter_id},
             },
             data={
                 "train": {"path": str(split_path(args.train)), "sha256": sha256_file(split_path(args.train))},
