@@ -35,6 +35,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The trained default reranker, committed with the code (its manifest holds the command that reproduces it).
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "reranker"
 
 
 def code_version() -> dict[str, Any]:

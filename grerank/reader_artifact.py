@@ -94,9 +94,9 @@ def load_configured_reader(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Reader, dict[str, Any] | None]:
     """The reader a CLI or the service is configured with: ``artifact`` is a reader artifact folder,
-    ``shipped`` (the trained default in this repository, over the default base) or ``none``/None (the base
-    reader untrained). Returns ``(reader, manifest or None)``."""
-    if artifact in (None, "none"):
+    ``shipped`` (the trained default in this repository, for the default base; another base reader is used
+    untrained) or ``none``/None (the base reader untrained). Returns ``(reader, manifest or None)``."""
+    if artifact in (None, "none") or (artifact == "shipped" and base_spec != model_paths.DEFAULT):
         return load_reader(model_paths.resolve("reader", base_spec), family, device, dtype), None
     folder = SHIPPED if artifact == "shipped" else Path(artifact)
     if artifact == "shipped" and not (folder / "manifest.json").is_file():

@@ -228,8 +228,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             out["configured"] = {
                 "embedder": settings.embedder,
-                "reranker": str(settings.artifact) if settings.artifact else settings.reranker,
+                "reranker": settings.reranker,
+                "artifact": settings.artifact,
                 "reader": settings.reader,
+                "reader_artifact": settings.reader_artifact,
             }
         out["limits"] = {
             "max_documents": settings.max_documents,

@@ -1,8 +1,10 @@
 """Load the three served models (embedder, reranker, reader) on the configured device and precision.
 
-The reranker comes from a trained artifact when ``GRERANK_ARTIFACT`` is set (checksums verified; any failure
-propagates, so the service never becomes ready on a bad artifact), otherwise from ``GRERANK_RERANKER``:
-``default`` is the untrained MiniLM bi-encoder, the starting point of G-Rerank training.
+By default the service serves the trained models shipped in ``models/``: the G-Rerank reranker artifact and
+the reader adapter it was trained through. ``GRERANK_ARTIFACT`` / ``GRERANK_READER_ARTIFACT`` point at other
+artifacts, or ``none`` serves ``GRERANK_RERANKER`` / ``GRERANK_READER`` untrained (``default``: the
+untrained MiniLM bi-encoder, G-Rerank's starting point, and the off-the-shelf SmolLM2). Checksums are
+verified; any failure propagates, so the service never becomes ready on a bad artifact.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 import torch
 
 from grerank import model_paths
+from grerank.artifact import SHIPPED as SHIPPED_RERANKER
 from grerank.artifact import load_artifact
 from grerank.decoder_reader import DecoderReader
+from grerank.reader_artifact import load_configured_reader
 from grerank.reranker import CONFIG_FILE, Reranker, build_reranker
 from grerank.runtime import resolve_device, resolve_dtype
 from grerank.sentence_encoder import SentenceEncoder
@@ -26,11 +30,14 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained default reranker"
+TRAINED = "trained artifact"
 
 
 @dataclass
-class RerankerInfo:
-    status: str  # "trained artifact", UNTRAINED, or "reranker folder (no manifest)"
+class ModelInfo:
+    status: (
+        str  # TRAINED, UNTRAINED, "untrained reranker", "untrained reader" or "reranker folder (no manifest)"
+    )
     source: str
     config: dict[str, Any]
     manifest: dict[str, Any] | None = None
@@ -54,9 +61,9 @@ class Models:
     embedder: SentenceEncoder
     embedder_source: str
     reranker: Reranker
-    reranker_info: RerankerInfo
+    reranker_info: ModelInfo
     reader: DecoderReader
-    reader_source: str
+    reader_info: ModelInfo
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -64,7 +71,7 @@ class Models:
             "precision": "bf16" if self.bf16 else "fp32",
             "embedder": {"source": self.embedder_source, "dim": self.embedder.dim},
             "reranker": self.reranker_info.summary(),
-            "reader": {"source": self.reader_source, "family": self.reader.family},
+            "reader": self.reader_info.summary() | {"family": self.reader.family},
         }
 
 
@@ -77,26 +84,42 @@ def load_embedder(settings: Settings, device: torch.device) -> tuple[SentenceEnc
     return SentenceEncoder.from_pretrained(path).to(device).eval(), str(path)
 
 
-def load_reranker(settings: Settings, device: torch.device) -> tuple[Reranker, RerankerInfo]:
-    if settings.artifact is not None:
-        reranker, manifest = load_artifact(settings.artifact)
-        info = RerankerInfo("trained artifact", str(settings.artifact), reranker.config(), manifest)
+def reranker_artifact(settings: Settings) -> Path | None:
+    """The reranker artifact folder to serve, if any (see ``GRERANK_ARTIFACT``)."""
+    if settings.artifact == "none":
+        return None
+    if settings.artifact == "shipped":
+        return SHIPPED_RERANKER if settings.reranker == model_paths.DEFAULT else None
+    return Path(settings.artifact)
+
+
+def load_reranker(settings: Settings, device: torch.device) -> tuple[Reranker, ModelInfo]:
+    artifact = reranker_artifact(settings)
+    if artifact is not None:
+        reranker, manifest = load_artifact(artifact)
+        info = ModelInfo(TRAINED, str(artifact), reranker.config(), manifest)
     else:
         path = model_paths.resolve("reranker", settings.reranker)
         if isinstance(path, Path) and (path / CONFIG_FILE).is_file():
             reranker = Reranker.load(path)
-            info = RerankerInfo("reranker folder (no manifest)", str(path), reranker.config())
+            info = ModelInfo("reranker folder (no manifest)", str(path), reranker.config())
         else:
             reranker = build_reranker(settings.reranker_architecture, path)
             status = UNTRAINED if settings.reranker == model_paths.DEFAULT else "untrained reranker"
-            info = RerankerInfo(status, str(path), reranker.config())
+            info = ModelInfo(status, str(path), reranker.config())
     return reranker.to(device).eval(), info
 
 
-def load_reader(settings: Settings, device: torch.device, bf16: bool) -> tuple[DecoderReader, str]:
-    path = model_paths.resolve("reader", settings.reader)
+def load_reader(settings: Settings, device: torch.device, bf16: bool) -> tuple[DecoderReader, ModelInfo]:
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return DecoderReader.from_pretrained(path, device=device, dtype=dtype), str(path)
+    reader, manifest = load_configured_reader(
+        settings.reader_artifact, settings.reader, "decoder", device, dtype
+    )
+    if manifest is None:
+        return reader, ModelInfo("untrained reader", str(model_paths.resolve("reader", settings.reader)), {})
+    source = "models/reader (shipped)" if settings.reader_artifact == "shipped" else settings.reader_artifact
+    config = {"base_model": manifest["base_model"]["name_or_path"], "adapter_sha256": reader.adapter_id}
+    return reader, ModelInfo(TRAINED, source, config, manifest)
 
 
 def load_models(settings: Settings, on_loaded: Callable[[str], None] | None = None) -> Models:
@@ -109,6 +132,6 @@ def load_models(settings: Settings, on_loaded: Callable[[str], None] | None = No
     report("embedder")
     reranker, reranker_info = load_reranker(settings, device)
     report("reranker")
-    reader, reader_source = load_reader(settings, device, bf16)
+    reader, reader_info = load_reader(settings, device, bf16)
     report("reader")
-    return Models(device, bf16, embedder, embedder_source, reranker, reranker_info, reader, reader_source)
+    return Models(device, bf16, embedder, embedder_source, reranker, reranker_info, reader, reader_info)

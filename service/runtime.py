@@ -70,6 +70,7 @@ class Runtime:
                     "reranker_architecture": info["reranker"]["architecture"],
                     "reranker_status": info["reranker"]["status"],
                     "reader": info["reader"]["source"],
+                    "reader_status": info["reader"]["status"],
                     "device": info["device"],
                     "precision": info["precision"],
                 }
@@ -87,7 +88,12 @@ class Runtime:
             )
             self.pipeline = pipeline
             self.metrics.ready.set(1)
-            log.info("ready: %d documents indexed, reranker: %s", len(index), info["reranker"]["status"])
+            log.info(
+                "ready: %d documents indexed, reranker: %s, reader: %s",
+                len(index),
+                info["reranker"]["status"],
+                info["reader"]["status"],
+            )
         except Exception as exc:  # any failure means "not ready", with the reason shown
             self.error = f"{type(exc).__name__}: {exc}"
             failed = next((n for n, s in self.components.items() if s == "loading"), None)
@@ -102,7 +108,10 @@ class Runtime:
         }
         if self.ready:
             assert self.pipeline is not None
-            out["reranker"] = self.pipeline.models.reranker_info.status
+            models = self.pipeline.models
+            out["reranker"] = models.reranker_info.status
+            out["reader"] = models.reader_info.status
+            out["models"] = {"reranker": models.reranker_info.source, "reader": models.reader_info.source}
             out["documents_indexed"] = len(self.pipeline.index)
         else:
             out["reason"] = self.not_ready_reason()

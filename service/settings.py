@@ -35,10 +35,19 @@ class Settings(BaseSettings):
     reranker_architecture: Literal["bi-encoder", "cross-encoder"] = Field(
         "bi-encoder", description="Architecture built around GRERANK_RERANKER when it is a plain HF folder."
     )
-    artifact: Path | None = Field(
-        None, description="Trained G-Rerank artifact folder; the service is never ready if it fails to load."
+    artifact: str = Field(
+        "shipped",
+        description="Trained reranker artifact: 'shipped' (the G-Rerank reranker in models/reranker, served "
+        "when GRERANK_RERANKER is 'default'), a folder, or 'none' (serve GRERANK_RERANKER untrained). The "
+        "service is never ready if it fails to load.",
     )
     reader: str = Field("default", description="Reader: 'default' (SmolLM2-135M-Instruct) or a HF folder.")
+    reader_artifact: str = Field(
+        "shipped",
+        description="Trained reader adapter: 'shipped' (models/reader, trained for the default reader; "
+        "another GRERANK_READER is served untrained), a reader artifact folder, or 'none'. Refused (never "
+        "ready) if its checksums or its base model's weights do not match.",
+    )
     model_name: str = Field("grerank", description="Model name reported in rerank responses.")
 
     # ---- hardware ----
@@ -141,11 +150,14 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("artifact", mode="before")
+    @field_validator("artifact", "reader_artifact", mode="before")
     @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        # GRERANK_ARTIFACT= (empty, as templates often leave it) means "no artifact", not the current folder.
-        return None if isinstance(value, str) and not value.strip() else value
+    def _empty_is_shipped(cls, value: object) -> object:
+        # GRERANK_ARTIFACT= (empty, as templates often leave it) means unset, not the current folder;
+        # None (from code) means no artifact.
+        if value is None:
+            return "none"
+        return "shipped" if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -35,7 +35,8 @@ from grerank.artifact import load_artifact, sha256_file
 from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.qa_data import Example, split_path
-from grerank.readers import READER_FAMILIES, load_reader
+from grerank.reader_artifact import load_configured_reader
+from grerank.readers import READER_FAMILIES
 from grerank.reranker import Reranker, build_reranker
 from grerank.runtime import PRECISIONS, resolve_device, resolve_dtype
 from training.bm25 import BM25
@@ -43,6 +44,7 @@ from training.metrics import exact_match, f1_score, ranking_metrics
 from training.train import load_split, score_all
 
 BASELINES = ("bm25", "zero-shot")
+READ_SETTINGS = ("oracle", "all")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,11 +65,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     p.add_argument("--k", type=int, nargs="*", default=[2, 5], help="top-k the reader answers from")
     p.add_argument(
+        "--read",
+        nargs="*",
+        choices=READ_SETTINGS,
+        default=[],
+        help="reranker-free reader settings besides the top k: 'oracle' (the supporting paragraphs only), "
+        "'all' (every candidate)",
+    )
+    p.add_argument(
         "--answer-questions", type=int, default=None, help="questions the reader answers (default: all)"
     )
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
     p.add_argument("--reader", default="default", help="'default' (SmolLM2-135M-Instruct) or a model folder")
     p.add_argument("--reader-family", choices=READER_FAMILIES, default="auto")
+    p.add_argument(
+        "--reader-artifact",
+        default="shipped",
+        help="trained reader adapter: 'shipped' (models/reader), a reader artifact folder, or 'none'",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--state-cache-dir", default="runs/doc-states", help="document states and answers on disk")
@@ -140,20 +155,30 @@ class AnswerStore:
             fh.write(json.dumps({"key": key, "answer": answer}) + "\n")
 
 
+def reading_sets(examples: list[Example], scores: list[list[float]], setting: str) -> list[list[int]]:
+    """The candidates the reader reads in ``setting`` (``topK``, ``oracle`` or ``all``), in candidate order:
+    the same set gives the same prompt, whatever ranked it."""
+    if setting == "oracle":
+        return [ex.supporting_indices() for ex in examples]
+    if setting == "all":
+        return [list(range(len(ex.passages))) for ex in examples]
+    k = int(setting.removeprefix("top"))
+    return [sorted(hard_topk(torch.tensor(row, dtype=torch.float32), k).tolist()) for row in scores]
+
+
 def answer_metrics(
     examples: list[Example],
-    scores: list[list[float]],
-    k: int,
+    reading: list[list[int]],
+    setting: str,
     cache: DocStateCache,
     store: AnswerStore,
     max_new_tokens: int,
 ) -> tuple[dict, list[dict]]:
-    """EM/F1 by question type when the reader reads the top ``k``; and the predictions."""
+    """EM/F1 by question type when the reader reads ``reading`` (one index list per question); and the
+    predictions."""
     groups: dict[str, dict[str, list[float]]] = {}
     predictions = []
-    for example, row in tqdm(list(zip(examples, scores, strict=True)), desc=f"answers@{k}", unit="q"):
-        # The top k in candidate order: the same set gives the same prompt, whatever ranked it.
-        chosen = sorted(hard_topk(torch.tensor(row, dtype=torch.float32), k).tolist())
+    for example, chosen in tqdm(list(zip(examples, reading, strict=True)), desc=setting, unit="q"):
         key = store.key(example, chosen, max_new_tokens)
         if key not in store.answers:
             states = cache.states([example.passages[i] for i in chosen], example.question)
@@ -165,7 +190,7 @@ def answer_metrics(
             bucket["em"].append(em)
             bucket["f1"].append(f1)
         predictions.append(
-            {"id": example.id, "k": k, "read": chosen, "answer": answer, "gold": example.answer}
+            {"id": example.id, "setting": setting, "read": chosen, "answer": answer, "gold": example.answer}
         )
     metrics = {
         group: {name: {"value": 100 * sum(v) / len(v), "n": len(v)} for name, v in values.items()}
@@ -197,15 +222,21 @@ def evaluate(args: argparse.Namespace) -> dict:
         "answers": {},
     }
     predictions: list[dict] = []
-    if args.k:
-        reader = load_reader(model_paths.resolve("reader", args.reader), args.reader_family, device, dtype)
+    settings = [f"top{k}" for k in args.k] + args.read
+    if settings:
+        reader, manifest = load_configured_reader(
+            args.reader_artifact, args.reader, args.reader_family, device, dtype
+        )
+        result["reader"] = {"base": args.reader, "artifact": args.reader_artifact if manifest else None}
+        result["reader"]["adapter_sha256"] = reader.adapter_id
         state_dir = Path(args.state_cache_dir)
         cache = DocStateCache(reader, 2 << 30, state_dir, int(args.cache_disk_gb * (1 << 30)))
         store = AnswerStore(state_dir / "answers.jsonl", cache)
         m = args.answer_questions or len(examples)
-        for k in args.k:
-            metrics, preds = answer_metrics(examples[:m], scores[:m], k, cache, store, args.max_new_tokens)
-            result["answers"][f"top{k}"] = metrics
+        for setting in settings:
+            reading = reading_sets(examples[:m], scores[:m], setting)
+            metrics, preds = answer_metrics(examples[:m], reading, setting, cache, store, args.max_new_tokens)
+            result["answers"][setting] = metrics
             predictions += preds
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.out:
