@@ -8,7 +8,7 @@
 #   GRERANK_BUILD_INDEX=never                 start with whatever is there (an empty index if nothing).
 set -eu
 
-# An empty GRERANK_ARTIFACT would be read as the current directory: empty means "no artifact".
+# An empty GRERANK_ARTIFACT means unset: the service's default (the shipped trained reranker).
 if [ -z "${GRERANK_ARTIFACT:-}" ]; then
     unset GRERANK_ARTIFACT
 fi

@@ -309,7 +309,9 @@ def test_dockerfile_contract(dockerfile: str) -> None:
     assert "127.0.0.1:8000/healthz" in runtime and f"EXPOSE {PORT}" in runtime
     assert 'ENTRYPOINT ["grerank-entrypoint"]' in runtime
     assert 'CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"' in runtime
-    assert "ARG ARTIFACT" in runtime and "GRERANK_ARTIFACT=${ARTIFACT:+" in runtime
+    assert "COPY models ./models" in text and "ARG ARTIFACT" in text
+    assert "GRERANK_ARTIFACT=/opt/grerank/artifact" in runtime
+    assert "GRERANK_READER_ARTIFACT=/opt/grerank/reader" in runtime
     if dockerfile.endswith("cuda"):
         assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", text, re.MULTILINE)
     else:
