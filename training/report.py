@@ -7,7 +7,8 @@ nothing is typed in.
 Writes ``RESULTS/README.md`` (first the reader's evaluations from ``RESULTS/reader`` and ``RESULTS/e2e``),
 ``RESULTS/metrics.png`` (headline metrics by method) and ``RESULTS/training_curves.png`` (training loss and
 dev reader NLL by update, one line per run). Sweep points in ``RESULTS/sweep``
-(``python -m training.experiments --sweep``) get a table of their own, and so do the gradient checks in ``RESULTS/gradient-check`` (``python -m training.gradient_check``).
+(``python -m training.experiments --sweep``) get a table of their own, and so do the gradient checks in
+``RESULTS/gradient-check`` (``python -m training.gradient_check``).
 """
 
 from __future__ import annotations
