@@ -21,9 +21,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import logs
 from service.admission import AdmissionMiddleware
@@ -34,12 +37,15 @@ from service.http_middleware import (
     RequestContextMiddleware,
     RequestMetricsMiddleware,
 )
-from service.request_limits import RequestRejected
+from service.request_limits import RequestRejected, state_in_schema
 from service.routes import MODEL_ENDPOINTS, ROUTERS
 from service.runtime import Runtime
 from service.settings import Settings
 from service.stage_timeouts import StageTimeout
 from service.version import VERSION
+
+# From the routers themselves: the app's route list holds the included routers rather than their routes.
+API_ROUTES = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,6 +89,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def queue_closed(request: Request, exc: QueueClosed) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette names the methods of the first route whose path matched; a path served by several
+        # routes (GET and DELETE /documents/{id}) allows the methods of all of them.
+        allowed = sorted(
+            {m for r in API_ROUTES if r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+        )
+        return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(StageTimeout)
     async def timed_out(request: Request, exc: StageTimeout) -> JSONResponse:
         runtime.metrics.stage_timeouts.labels(exc.stage).inc()
@@ -90,6 +107,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # built once, with this configuration's limits stated in it
+            app.openapi_schema = state_in_schema(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # Middleware, innermost first: the body limit; admission control over the routes that need the model
     # worker; request metrics; request ids and the access log (outermost, so every response is logged).

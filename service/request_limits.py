@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from service.document_store import NewDocument
 from service.schemas import AnswerRequest, RerankRequest, RetrieveRequest
@@ -62,7 +63,8 @@ def check_answer(request: AnswerRequest, settings: Settings, default_top_k: int)
     """Validates and returns (top_k, candidates)."""
     check_query(request.query, settings)
     check_filter(request)
-    candidates = request.candidates or settings.default_candidates
+    # Without an explicit candidates, a top_k above the default retrieves top_k candidates.
+    candidates = request.candidates or max(settings.default_candidates, request.top_k or 0)
     if candidates > min(settings.max_candidates, settings.max_documents):
         limit = min(settings.max_candidates, settings.max_documents)
         raise RequestRejected(f"candidates is {candidates}; the limit is {limit} (GRERANK_MAX_CANDIDATES)")
@@ -83,3 +85,33 @@ def check_upsert(documents: Sequence[NewDocument], settings: Settings) -> None:
         if d.id in seen:
             raise RequestRejected(f"document id {d.id!r} appears more than once in the request")
         seen.add(d.id)
+
+
+def state_in_schema(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Write the configured limits into the OpenAPI ``schema`` (in place, and returned), so that what the
+    running service publishes says what it accepts: string lengths, list sizes, numeric bounds."""
+    components = schema["components"]["schemas"]
+
+    def bound(model: str, field: str, **limits: int) -> None:
+        prop = components[model]["properties"][field]
+        for variant in prop.get("anyOf", [prop]):  # an optional field: bound its non-null variant
+            if variant.get("type") not in (None, "null"):
+                variant.update(limits)
+
+    query = {"maxLength": settings.max_query_chars}
+    for model in ("RerankRequest", "RetrieveRequest", "AnswerRequest"):
+        bound(model, "query", **query)
+    text = {"maxLength": settings.max_document_chars}
+    bound("RerankRequest", "documents", maxItems=settings.max_documents)
+    components["RerankRequest"]["properties"]["documents"]["items"]["anyOf"][0].update(text)
+    bound("RerankDocument", "text", **text)
+    bound("DocumentIn", "text", **text)
+    bound("RetrieveRequest", "top_k", maximum=settings.max_candidates)
+    candidates = min(settings.max_candidates, settings.max_documents)
+    bound("AnswerRequest", "candidates", maximum=candidates)
+    bound("AnswerRequest", "top_k", maximum=candidates)
+    upsert = {"minItems": 1, "maxItems": settings.max_upsert_documents}
+    bound("DocumentsUpsert", "documents", **upsert)
+    body = schema["paths"]["/documents"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    next(v for v in body["anyOf"] if v.get("type") == "array").update(upsert)
+    return schema

@@ -2,7 +2,8 @@
 
 ``/rerank`` follows the shape Cohere and Jina clients speak; unknown request fields those clients send
 (``max_tokens_per_doc``, ``rank_fields``, ``priority``...) are accepted and ignored. Limits that depend on the
-configuration (sizes, counts) are checked in :mod:`service.request_limits`, not here.
+configuration (sizes, counts) are checked in :mod:`service.request_limits`, not here, and stated in the
+schema the running service publishes (:func:`configured_limits`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 
 def _encodable(value: str) -> str:
@@ -81,9 +82,9 @@ class RerankRequest(BaseModel):
         json_schema_extra=NON_EMPTY_LIST,
     )
     top_n: int | None = Field(None, ge=1, description="Return only the best top_n results (default: all).")
-    return_documents: bool = Field(False, description="Include each document's text in the results.")
+    return_documents: StrictBool = Field(False, description="Include each document's text in the results.")
     model: Text | None = Field(None, description="Accepted for client compatibility; one model is served.")
-    raw_scores: bool = Field(
+    raw_scores: StrictBool = Field(
         False, description="Return the reranker's raw scores instead of scores squashed into [0, 1]."
     )
 
@@ -160,7 +161,7 @@ class AnswerRequest(SearchRequest):
     candidates: int | None = Field(
         None, ge=1, description="Documents retrieved before reranking (default 20)."
     )
-    stream: bool = Field(False, description="Stream answer tokens as server-sent events.")
+    stream: StrictBool = Field(False, description="Stream answer tokens as server-sent events.")
 
 
 class Citation(BaseModel):
@@ -218,7 +219,7 @@ class DocumentIn(BaseModel):
 class DocumentsUpsert(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    documents: list[DocumentIn]
+    documents: list[DocumentIn] = Field(json_schema_extra=NON_EMPTY_LIST)
 
 
 class UpsertResponse(BaseModel):

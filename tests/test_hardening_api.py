@@ -36,6 +36,16 @@ SECRETS = (WRITE_KEY, HASHED_WRITE_KEY, READ_KEY, WRONG_KEY)
 MAX_REQUEST_BYTES = 100_000
 # Enough for every route to see valid, invalid and edge-case input; about a minute for the whole API here.
 EXAMPLES_PER_ROUTE = 100
+# Small limits keep every fuzzed request cheap; the served schema states them, and what is over them is a 400.
+LIMITS = {
+    "max_documents": 16,
+    "max_upsert_documents": 8,
+    "max_document_chars": 2000,
+    "max_query_chars": 300,
+    "max_candidates": 10,
+    "default_candidates": 5,
+    "max_request_bytes": MAX_REQUEST_BYTES,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +57,7 @@ def server(
         **tiny_env(tiny_bert_dir, tiny_llama_dir, tmp / "index"),
         "GRERANK_API_KEYS": f"{WRITE_KEY},sha256:{hashlib.sha256(HASHED_WRITE_KEY.encode()).hexdigest()}",
         "GRERANK_READ_API_KEYS": READ_KEY,
-        # Small limits keep every fuzzed request cheap; what is over them is a 400, which is checked too.
-        "GRERANK_MAX_DOCUMENTS": "16",
-        "GRERANK_MAX_UPSERT_DOCUMENTS": "8",
-        "GRERANK_MAX_DOCUMENT_CHARS": "2000",
-        "GRERANK_MAX_QUERY_CHARS": "300",
-        "GRERANK_MAX_CANDIDATES": "10",
-        "GRERANK_DEFAULT_CANDIDATES": "5",
-        "GRERANK_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+        **{f"GRERANK_{name.upper()}": str(value) for name, value in LIMITS.items()},
         "GRERANK_READER_MAX_NEW_TOKENS": "3",
         "OMP_NUM_THREADS": "1",
     }
@@ -84,7 +87,7 @@ def server_log(server: Server) -> str:
 # The schema the server serves, built here without loading a model (create_app loads models only when the
 # app starts), so the tests can be generated at collection; test_the_served_schema_is_the_fuzzed_one
 # checks it is the live one.
-OPENAPI = create_app(Settings(log_format="text")).openapi()
+OPENAPI = create_app(Settings(log_format="text", **LIMITS)).openapi()
 
 
 def fuzzing_schema(mode: GenerationMode, examples: int) -> schemathesis.BaseSchema:
@@ -116,6 +119,35 @@ CHECKS = [
 
 def test_the_served_schema_is_the_fuzzed_one(server: Server) -> None:
     assert httpx.get(server.url + "/openapi.json").json() == OPENAPI
+
+
+def test_the_schema_states_the_configured_limits_and_strict_types(server: Server) -> None:
+    schemas = OPENAPI["components"]["schemas"]
+    rerank = schemas["RerankRequest"]["properties"]
+    assert rerank["documents"]["maxItems"] == LIMITS["max_documents"]
+    assert rerank["query"]["maxLength"] == LIMITS["max_query_chars"]
+    assert schemas["DocumentIn"]["properties"]["text"]["maxLength"] == LIMITS["max_document_chars"]
+    assert (
+        schemas["RetrieveRequest"]["properties"]["top_k"]["anyOf"][0]["maximum"] == LIMITS["max_candidates"]
+    )
+    assert schemas["DocumentsUpsert"]["properties"]["documents"]["maxItems"] == LIMITS["max_upsert_documents"]
+    write = bearer(WRITE_KEY)
+    for path, body in (
+        ("/rerank", {"query": "q", "documents": ["a"], "raw_scores": 1}),
+        ("/answer", {"query": "q", "stream": 1}),
+        ("/rerank", {"query": "q", "documents": ["a"], "return_documents": "true"}),
+    ):
+        response = httpx.post(server.url + path, json=body, headers=write)
+        assert response.status_code == 422, response.text  # booleans are JSON booleans, as the schema says
+    # A top_k above the default candidates (5) but within the limit retrieves that many candidates.
+    answer = httpx.post(
+        server.url + "/answer", json={"query": "rivers", "top_k": 6}, headers=write, timeout=60
+    )
+    assert answer.status_code == 200 and len(answer.json()["citations"]) == 6
+    # Allow lists every method a path serves, not only those of its first route.
+    options = httpx.options(server.url + "/documents/seed-1", headers=write)
+    assert options.status_code == 405 and options.headers["allow"] == "DELETE, GET"
+    assert httpx.put(server.url + "/rerank", headers=write).headers["allow"] == "POST"
 
 
 @valid_input.parametrize()
