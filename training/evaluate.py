@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from grerank import model_paths
 from grerank.artifact import load_artifact, sha256_file
-from grerank.doc_state_cache import DocStateCache
+from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.qa_data import Example, split_path
 from grerank.reader_artifact import load_configured_reader
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--state-cache-dir", default="runs/doc-states", help="document states and answers on disk")
-    p.add_argument("--cache-disk-gb", type=float, default=40.0)
+    p.add_argument("--cache-disk-gb", type=float, default=DEFAULT_DISK_GB)
     p.add_argument("--out", default=None, help="write the results as JSON here (and predictions beside it)")
     args = p.parse_args(argv)
     if any(k < 1 or k > args.n for k in args.k):

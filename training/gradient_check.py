@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grerank import model_paths
-from grerank.doc_state_cache import DocStateCache
+from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.qa_data import Example
 from grerank.readers import load_reader
 from grerank.reranker import build_reranker
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     reranker = build_reranker("bi-encoder", model_paths.resolve("reranker", args.reranker)).eval()
     state_dir = Path(args.state_cache_dir)
-    cache = DocStateCache(reader, 1 << 29, state_dir, 40 << 30)  # one question's states at a time
+    # One question's states at a time in memory.
+    cache = DocStateCache(reader, 1 << 29, state_dir, int(DEFAULT_DISK_GB * (1 << 30)))
     examples = load_split(args.split, args.questions, 10)
     loglik = reader_signals(examples, cache, "loglik", state_dir / "reader-signals.jsonl")
     generator = torch.Generator().manual_seed(args.seed)

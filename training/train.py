@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from grerank import model_paths
 from grerank.artifact import sha256_file, write_artifact
-from grerank.doc_state_cache import DocStateCache
+from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.gumbel_topk import hard_topk_mask
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.reader_artifact import load_configured_reader
@@ -155,7 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="runs/doc-states",
         help="document states and reader signals on disk, shared by every run with the same reader",
     )
-    g.add_argument("--cache-disk-gb", type=float, default=40.0, help="disk budget of --state-cache-dir")
+    g.add_argument(
+        "--cache-disk-gb", type=float, default=DEFAULT_DISK_GB, help="disk budget of --state-cache-dir"
+    )
     g = p.add_argument_group("evaluation and output")
     g.add_argument(
         "--eval-every", type=int, default=0, help="updates between dev evaluations (0: each epoch)"

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from grerank import model_paths
 from grerank.artifact import sha256_file
 from grerank.decoder_reader import DecoderReader
-from grerank.doc_state_cache import DocStateCache
+from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.qa_data import Example, load_examples, split_path
 from grerank.reader_adapter import LORA_TARGETS, add_lora, lora_parameters
 from grerank.reader_artifact import write_reader_artifact
@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", choices=PRECISIONS, default="auto", help="the base reader's weights")
     g.add_argument("--state-cache-dir", default="runs/doc-states", help="document states on disk (shared)")
-    g.add_argument("--cache-disk-gb", type=float, default=60.0, help="disk budget of --state-cache-dir")
+    g.add_argument(
+        "--cache-disk-gb", type=float, default=DEFAULT_DISK_GB, help="disk budget of --state-cache-dir"
+    )
     g.add_argument("--checkpoint-every", type=int, default=20, help="updates between checkpoints")
     g.add_argument("--out", default="runs/reader", help="run folder: log, checkpoint, artifact")
     g.add_argument("--artifact", default=None, help="artifact folder (default: OUT/artifact)")
