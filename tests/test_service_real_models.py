@@ -1,5 +1,6 @@
-"""``/answer`` with the real default models on the CPU (MiniLM embedder and untrained reranker, SmolLM2
-reader): a HotpotQA dev question over a small demo index holding its 10 paragraphs and other questions'."""
+"""``/answer`` with the real default models on the CPU, as a fresh clone serves them (the MiniLM embedder, the
+shipped G-Rerank reranker and the shipped reader adapter over SmolLM2): a HotpotQA dev question over a small
+demo index holding its 10 paragraphs and other questions'."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def test_answer_cites_the_supporting_paragraphs(server: Server) -> None:
     ]
     with httpx.Client(base_url=server.url, timeout=300) as client:
         info = client.get("/info").json()
-        assert info["models"]["reranker"]["status"] == "untrained default reranker"
+        assert info["models"]["reranker"]["status"] == "trained artifact"
+        assert info["models"]["reader"]["status"] == "trained artifact"
+        assert info["models"]["reader"]["manifest"]["base_model"]["spec"] == "default"
         assert client.post("/documents", json=body).status_code == 200
 
         response = client.post("/answer", json={"query": example.question})
@@ -52,5 +55,6 @@ def test_answer_cites_the_supporting_paragraphs(server: Server) -> None:
     print(f"\nQ: {example.question}\ngold: {example.answer}\nanswer: {result['answer']!r}")
     print(f"cited: {[c['title'] for c in result['citations']]}\ntimings_ms: {result['timings_ms']}")
     assert result["answer"].strip()
+    assert len(result["answer"].split()) <= 6  # a span in the dataset's style, not a sentence
     assert len(cited) == info["default_top_k"]
     assert supporting & set(cited), f"none of the supporting paragraphs {supporting} is cited: {cited}"
