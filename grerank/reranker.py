@@ -64,7 +64,9 @@ class Reranker(torch.nn.Module):
         )
         path = model_paths.resolve("reranker", base_spec)
         self.adapter_base = {"spec": base_spec, "weights_sha256": weights_checksum(path)}
-        self.adapter = get_peft_model(self.encoder_model(), config)
+        # Not registered as a submodule: it wraps the encoder already registered, and its weights would
+        # appear twice in the state dict.
+        object.__setattr__(self, "adapter", get_peft_model(self.encoder_model(), config))
 
     def _save_weights(self, folder: Path) -> None:
         if self.adapter is None:
