@@ -6,7 +6,8 @@
   attention mass, ranked candidates by length; its stored rows are ignored.)
 
 The reader is frozen, so these are constants: computed once per example and kept in a JSON-lines file
-keyed by the reader's state signature and the example's content, shared by every run and seed.
+keyed by the reader's reading signature (its states' signature and its adapter) and the example's content,
+shared by every run and seed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def reader_signals(
     examples: list[Example], cache: DocStateCache, kind: str, store: Path | None, progress: bool = True
 ) -> dict[str, torch.Tensor]:
     """``{example id: signal [n]}``, reading what ``store`` already holds and appending what it lacks."""
-    signature = cache.reader.state_signature()
+    signature = cache.reader.reading_signature()
     known: dict[str, list[float]] = {}
     if store is not None and store.is_file():
         for line in store.read_text().splitlines():
