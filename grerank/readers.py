@@ -71,7 +71,7 @@ class Reader:
     def reading_signature(self) -> str:
         """What the reader's outputs (answers, likelihoods, attention) depend on besides its inputs: the
         states' signature and the adapter, which acts on question and answer tokens only and so is not part
-        of it. Without an adapter, the states' signature itself (signals stored before adapters stay valid)."""
+        of it. Without an adapter, the states' signature (signals stored before adapters stay valid)."""
         return self.state_signature() + (f"|adapter={self.adapter_id}" if self.adapter_id else "")
 
     def input_format(self) -> str:
