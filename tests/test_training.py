@@ -152,7 +152,7 @@ def test_mixing_interpolates_floating_weights_and_keeps_integer_buffers() -> Non
     assert torch.equal(training.mixed(trained, start, 1.0)["w"], start["w"])
 
 
-@pytest.mark.parametrize("objective", ["pdist", "emdr", "supervised"])
+@pytest.mark.parametrize("objective", ["pdist", "emdr", "loop", "supervised"])
 def test_baselines_learn_the_synthetic_task(
     objective: str, copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
@@ -181,14 +181,16 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
     store = tmp_path / "signals.jsonl"
     loglik = reader_signals(examples, cache, "loglik", store, progress=False)
     attention = reader_signals(examples, cache, "attention_score", store, progress=False)
+    left_out = reader_signals(examples, cache, "loo_loglik", store, progress=False)
     lines = store.read_text().count("\n")
     assert (
-        lines == 10
+        lines == 15
         and reader_signals(examples, cache, "loglik", store, progress=False).keys() == loglik.keys()
     )
     assert store.read_text().count("\n") == lines  # read back, not recomputed
     for ex in examples:  # the copying reader: the answer is likeliest given the document that holds it
         assert int(loglik[ex.id].argmax()) == ex.supporting.index(True)
+        assert int(left_out[ex.id].argmin()) == ex.supporting.index(True)  # and least likely without it
         assert attention[ex.id].shape == (4,) and bool(torch.isfinite(attention[ex.id]).all())
 
 

@@ -46,6 +46,7 @@ METHODS = [
     Method("grerank-draws4", ("--mask-draws", "4"), note="G-Rerank, 4 Gumbel masks per question and step"),
     Method("pdist", ("--objective", "pdist", *BASELINE_FLAGS), note="perplexity distillation"),
     Method("emdr", ("--objective", "emdr", *BASELINE_FLAGS), note="EMDR: documents as latent variables"),
+    Method("loop", ("--objective", "loop", *BASELINE_FLAGS), note="leave-one-out perplexity distillation"),
     Method("adist", ("--objective", "adist", *BASELINE_FLAGS), note="attention distillation"),
     Method("supervised", ("--objective", "supervised", *BASELINE_FLAGS), note="uses supporting labels"),
 ]

@@ -9,6 +9,9 @@ Every objective takes the reranker's scores ``w`` ``[B, n]``. The reranker's dis
   ``q = softmax(log P(a|q,d_i))``, the reader's answer likelihood given each candidate alone.
 * ``emdr`` (EMDR², Sachan et al. 2021): the candidates as a latent variable,
   ``-log sum_i p_w(i) P(a|q,d_i)``.
+* ``loop`` (leave-one-out perplexity distillation, Atlas, Izacard et al. 2022): ``KL(q || p_w)`` with
+  ``q = softmax(-log P(a|q, D \\ d_i))``: the candidates whose removal from the full set lowers the answer's
+  likelihood most get the most weight.
 * ``adist`` (attention distillation, Izacard & Grave 2021): ``KL(q || p_w)`` with ``q = softmax(a)``, ``a_i``
   the reader's attention logits on candidate ``i`` when it reads all of them, averaged over layers, heads and
   the candidate's tokens (:meth:`grerank.decoder_reader.DecoderReader.document_attention`).
@@ -26,9 +29,9 @@ import torch
 
 from grerank.gumbel_topk import relaxed_topk_mask
 
-OBJECTIVES = ("grerank", "pdist", "emdr", "adist", "supervised")
+OBJECTIVES = ("grerank", "pdist", "emdr", "loop", "adist", "supervised")
 # Objectives whose targets are the frozen reader's per-candidate signals, computed once before training.
-NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "adist": "attention_score"}
+NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "loop": "loo_loglik", "adist": "attention_score"}
 
 
 def _log_p(scores: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -69,6 +72,10 @@ def emdr_loss(scores: torch.Tensor, answer_loglik: torch.Tensor, kappa: float) -
     return -torch.logsumexp(_log_p(scores, kappa) + answer_loglik.float(), dim=-1).mean()
 
 
+def loop_loss(scores: torch.Tensor, leave_one_out_loglik: torch.Tensor, kappa: float) -> torch.Tensor:
+    return kl_to_target(scores, -leave_one_out_loglik, kappa)
+
+
 def adist_loss(scores: torch.Tensor, attention_score: torch.Tensor, kappa: float) -> torch.Tensor:
     return kl_to_target(scores, attention_score, kappa)
 
@@ -85,4 +92,4 @@ def anchor_kl(scores: torch.Tensor, start_scores: torch.Tensor, temperature: flo
     return (log_start.exp() * (log_start - log_p)).sum(-1).mean()
 
 
-DISTILLATION = {"pdist": pdist_loss, "emdr": emdr_loss, "adist": adist_loss}
+DISTILLATION = {"pdist": pdist_loss, "emdr": emdr_loss, "loop": loop_loss, "adist": adist_loss}

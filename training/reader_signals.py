@@ -1,6 +1,7 @@
 """The frozen reader's per-candidate signals that the distillation baselines learn from.
 
 * ``loglik``: ``log P(answer | question, d_i)`` with the reader given candidate ``i`` alone (PDist, EMDR);
+* ``loo_loglik``: ``log P(answer | question, all candidates but d_i)`` (LOOP);
 * ``attention_score``: the reader's attention logits on candidate ``i`` when it reads all of them, averaged
   over layers, heads and the candidate's tokens (ADist). (An earlier ``attention`` signal, the summed
   attention mass, ranked candidates by length; its stored rows are ignored.)
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from grerank.doc_state_cache import DocStateCache
 from grerank.qa_data import Example
 
-SIGNALS = ("loglik", "attention_score")
+SIGNALS = ("loglik", "loo_loglik", "attention_score")
 
 
 def _key(signature: str, example: Example) -> str:
@@ -36,6 +37,11 @@ def one_example(reader, states: list[torch.Tensor], example: Example, kind: str)
     if kind == "loglik":
         total, _ = reader.answer_log_likelihood(
             [example.question] * n, [example.answer] * n, [states] * n, torch.eye(n)
+        )
+        return total.float().tolist()
+    if kind == "loo_loglik":  # one row per candidate left out: the full set minus it
+        total, _ = reader.answer_log_likelihood(
+            [example.question] * n, [example.answer] * n, [states] * n, 1 - torch.eye(n)
         )
         return total.float().tolist()
     if kind == "attention_score":

@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--objective",
         choices=objectives.OBJECTIVES,
         default="grerank",
-        help="grerank, or a baseline: pdist, emdr, adist (distilled from the reader), supervised (labels)",
+        help="grerank, or a baseline: pdist, emdr, loop, adist (distilled from the reader), supervised "
+        "(labels)",
     )
     g.add_argument("--k", type=int, default=2, help="documents the reader sees (soft draws per mask)")
     g.add_argument("--tau", type=float, default=0.5, help="Gumbel-softmax temperature")
