@@ -13,7 +13,8 @@ One run, top to bottom:
 
 1. load the train questions (the shipped split and the extra official-train questions; never dev), rank each
    question's candidates with the starting reranker, and draw the documents each question is read with
-   (training.reader_inputs: all ten, the reranker's top k, gold plus distractors, gold missing);
+   (training.reader_inputs: all ten, the reranker's top k, gold plus distractors, gold missing), once for
+   the run, so that every epoch reads the same sets and each document is encoded once;
 2. encode every document those draws need, once, into the shared state cache (timed apart: a later run with
    the same reader pays nothing for it);
 3. minimise the answer tokens' cross-entropy (the answer in the dataset's style, ending on the stop token),
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--targets", nargs="+", default=list(LORA_TARGETS), help="projections given an adapter")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--batch-size", type=int, default=4, help="questions per step")
     g.add_argument("--grad-accum", type=int, default=2, help="steps per update")
     g.add_argument("--warmup", type=float, default=0.05, help="fraction of updates with a linear warm-up")
@@ -119,8 +120,8 @@ def load_questions(specs: list[str], limit: int | None) -> list[Example]:
     return [ex for ex in examples if ex.passages and ex.answer.strip()][:limit]
 
 
-def reading_sets(examples: list[Example], ranked: list[list[int]], seed: int, epoch: int) -> list[list[int]]:
-    rng = random.Random(f"{seed}-{epoch}")
+def reading_sets(examples: list[Example], ranked: list[list[int]], seed: int) -> list[list[int]]:
+    rng = random.Random(f"{seed}-0")
     return [reading_set(ex, order, rng)[1] for ex, order in zip(examples, ranked, strict=True)]
 
 
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         ranked = [sorted(range(len(s)), key=lambda i, s=s: (-s[i], i)) for s in scores]
         ranked_file.write_text(json.dumps(ranked))
         del ranker
-    plans = [reading_sets(train, ranked, args.seed, epoch) for epoch in range(args.epochs)]
+    # Drawn once: every epoch reads the same sets, so each document is encoded once for the whole run.
+    plan = reading_sets(train, ranked, args.seed)
 
     reader = DecoderReader.from_pretrained(model_paths.resolve("reader", args.reader), device, dtype)
     adapter = add_lora(reader.model, args.rank, args.alpha, args.dropout, tuple(args.targets))
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- 2. one-off encoding of every document the run reads ----
     started = time.perf_counter()
-    needed = [ex.passages[i] for plan in plans for ex, ids in zip(train, plan, strict=True) for i in ids]
+    needed = [ex.passages[i] for ex, ids in zip(train, plan, strict=True) for i in ids]
     needed += [p for ex in dev for p in ex.passages]
     passages = list({(p.title, p.text): p for p in needed}.values())
     for start in tqdm(range(0, len(passages), 64), desc="document states", unit="x64"):
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             if step < state["step"]:
                 continue
             index = order[start : start + args.batch_size]
-            loss = batch_nll(reader, [train[i] for i in index], [plans[epoch][i] for i in index], cache)
+            loss = batch_nll(reader, [train[i] for i in index], [plan[i] for i in index], cache)
             (loss / args.grad_accum).backward()
             bar.update()
             if (step + 1) % args.grad_accum == 0 or start + args.batch_size >= len(order):
