@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = ask(client, asked)
     result = {
         "name": args.name,
-        "command": "python -m training.evaluate_service " + shlex.join(argv),
+        "command": shlex.join(["python", "-m", "training.evaluate_service", *argv]),
         "split": str(split_path(args.split)),
         "documents": documents,
         "questions": len(rows),

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         data={"train": data, "train_questions": len(train), "dev": relative(split_path(args.dev))},
         metrics={"dev": metrics},
         training={
-            "command": "python -m training.train_reader " + shlex.join(argv),
+            "command": shlex.join(["python", "-m", "training.train_reader", *argv]),
             "updates": state["update"],
             "train_seconds": round(train_seconds, 1),
             "encode_seconds": round(encode_seconds, 1),
