@@ -91,6 +91,9 @@ class DecoderReader(Reader):
         # answer tokens only, so the prefix and document states below are always the base model's.
         self.model = model.eval().requires_grad_(False)
         self.adapter = adapter
+        # Greedy generation's question and answer passes, with the adapter merged into a copy of the
+        # weights (grerank.reader_artifact): peft's unmerged LoRA costs about 1.6x the time to first token.
+        self.answer_model: torch.nn.Module | None = None
         self.tokenizer = tokenizer
         self.prompt = prompt or PromptFormat.for_tokenizer(tokenizer)
         self.max_document_tokens = max_document_tokens
@@ -312,12 +315,13 @@ class DecoderReader(Reader):
         step = torch.tensor([ids], device=self.device)
         cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past])
         text = IncrementalDecoder(self.tokenizer, self.prompt.stop)
+        generator = self.answer_model or self.model
         for _ in range(max_new_tokens):
             length = step.shape[1]
             attn = torch.cat(
                 [torch.zeros(length, keys, device=self.device), causal_block(length, self.device)], dim=1
             )[None, None]
-            out = self.model.base_model(
+            out = generator.base_model(
                 input_ids=step,
                 attention_mask=to_additive(attn, self.dtype),
                 position_ids=torch.arange(position, position + length, device=self.device)[None],
@@ -326,7 +330,7 @@ class DecoderReader(Reader):
             )
             # The head on a 2-D row: Hugging Face's ``logits_to_keep=1`` hands it a strided 3-D slice, for
             # which torch.matmul copies the whole vocabulary-sized weight (about 50 ms per prompt here).
-            logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1])
+            logits = generator.get_output_embeddings()(out.last_hidden_state[:, -1])
             cache, keys, position = out.past_key_values, keys + length, position + length
             token = int(logits[0].argmax())
             if token in self.eos_ids:

@@ -9,6 +9,7 @@ the ones the adapter was trained on: an adapter over other weights would answer,
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def load_reader_artifact(
     )
     reader.adapter = load_lora(reader.model, folder).to(device)
     reader.adapter.requires_grad_(False)
+    # A merged copy for generation (twice the weights' memory): the same function, without the adapter's
+    # per-projection overhead on every generated token.
+    merged = copy.deepcopy(reader.adapter).merge_and_unload()
+    reader.answer_model = merged.to(dtype).eval()
     reader.adapter_id = manifest["files"]["adapter_model.safetensors"]
     return reader, manifest
 

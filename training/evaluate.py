@@ -136,6 +136,8 @@ class AnswerStore:
         # adapters existed stay valid; a trained reader adds its adapter.
         reader = cache.reader
         self.signature = cache.namespace + (f"|{reader.adapter_id}" if reader.adapter_id else "")
+        if getattr(reader, "answer_model", None) is not None:  # generation through merged weights
+            self.signature += "|merged"
         self.answers: dict[str, str] = {}
         if path.is_file():
             for line in path.read_text().splitlines():
