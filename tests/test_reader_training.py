@@ -81,6 +81,11 @@ def test_a_reader_artifact_is_verified_against_its_files_and_its_base(
         ["Which river?"], ["alpha"], [loaded.encode_documents(PASSAGES)], torch.ones(1, 2)
     )
     torch.testing.assert_close(got, expected)
+    # Generation runs through a merged copy of the weights: the same answers as the adapter gives.
+    states = loaded.encode_documents(PASSAGES)
+    merged = loaded.generate("Which river?", states, 6)
+    loaded.answer_model = None
+    assert loaded.generate("Which river?", states, 6) == merged
 
     other = other_base(tiny_llama_dir, tmp_path / "other-base")
     with pytest.raises(ArtifactError, match="trained over base weights"):
