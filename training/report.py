@@ -245,7 +245,8 @@ def reader_table(evaluations: Sequence[dict], services: Sequence[dict]) -> list[
                     .get("n", "–")
                 )
                 label = r["name"] if group == "all" else f"{r['name']} ({group})"
-                reranker = r["reranker"].get("path", r["reranker"]["kind"])
+                described = r["reranker"]
+                reranker = described["path"] if described["kind"] == "artifact" else described["kind"]
                 lines.append("| " + " | ".join([label, reranker, str(n), *cells]) + " |")
         lines.append("")
     if services:
