@@ -21,8 +21,9 @@ from grerank.qa_data import Example
 SETTINGS = {"all": 0.3, "top_k": 0.3, "gold": 0.25, "missing": 0.15}
 
 
-def reading_set(example: Example, ranked: list[int], rng: random.Random) -> tuple[str, list[int]]:
-    """``(setting, candidate indices in candidate order)``; ``ranked`` is the reranker's order of them."""
+def reading_set(example: Example, ranked: list[int], rng: random.Random) -> list[int]:
+    """Candidate indices in candidate order, for a setting drawn at random; ``ranked`` is the reranker's
+    order of them."""
     n = len(example.passages)
     gold = [i for i, s in enumerate(example.supporting) if s]
     others = [i for i in range(n) if i not in gold]
@@ -38,4 +39,4 @@ def reading_set(example: Example, ranked: list[int], rng: random.Random) -> tupl
     else:
         kept = [] if rng.random() < 1 / 3 else rng.sample(gold, len(gold) - 1)
         chosen = kept + rng.sample(others, min(len(others), rng.randint(1, 3)))
-    return setting, sorted(chosen)
+    return sorted(chosen)

@@ -122,7 +122,7 @@ def load_questions(specs: list[str], limit: int | None) -> list[Example]:
 
 def reading_sets(examples: list[Example], ranked: list[list[int]], seed: int) -> list[list[int]]:
     rng = random.Random(f"{seed}-0")
-    return [reading_set(ex, order, rng)[1] for ex, order in zip(examples, ranked, strict=True)]
+    return [reading_set(ex, order, rng) for ex, order in zip(examples, ranked, strict=True)]
 
 
 def batch_nll(
