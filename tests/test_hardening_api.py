@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,7 +255,15 @@ def test_request_id_is_echoed_and_logged(server: Server) -> None:
         == "r-401"
     )
 
-    lines = [json.loads(line) for line in server_log(server).splitlines() if line.startswith("{")]
+    def logged() -> list[dict]:
+        return [json.loads(line) for line in server_log(server).splitlines() if line.startswith("{")]
+
+    # The access line is written once the response has gone out, so it may trail the response a little.
+    deadline = time.monotonic() + 10
+    lines = logged()
+    while not any(line.get("request_id") == "r-401" for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lines = logged()
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     access = [line for line in lines if line.get("request_id") == "trace-42.a:b"]
     assert len(access) == 1
