@@ -6,9 +6,10 @@ Models load on the model worker when the app starts; until they (and the index) 
 routes answer 503 with the reason, as does ``/readyz``.
 
 Status codes besides 200: 400 a configured limit, 401 no or an unknown API key, 403 a read-only key on a
-write, 404, 405, 413 a body over GRERANK_MAX_REQUEST_BYTES, 422 a malformed request, 429 GRERANK_MAX_QUEUE
-requests already admitted (with Retry-After), 503 not ready (with Retry-After), 504 a stage over its
-GRERANK_STAGE_TIMEOUTS limit (naming the stage).
+write, 404, 405, 413 a body over GRERANK_MAX_REQUEST_BYTES, 422 a malformed request, 429 overloaded (a
+predicted wait over GRERANK_MAX_WAIT_MS, or GRERANK_MAX_QUEUE requests admitted; with Retry-After), 503 not
+ready (with Retry-After), 504 a stage over its GRERANK_STAGE_TIMEOUTS limit (naming the stage); 499 in the
+logs and metrics only: the client went away before its answer.
 """
 
 from __future__ import annotations
@@ -127,7 +128,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     assert len(model_routes) == len(MODEL_ENDPOINTS) + 2  # /rerank has two aliases
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
-        AdmissionMiddleware, routes=model_routes, limit=settings.max_queue, metrics=runtime.metrics
+        AdmissionMiddleware,
+        routes=model_routes,
+        limit=settings.max_queue,
+        max_wait_ms=settings.max_wait_ms,
+        shed_delay_ms=settings.shed_delay_ms,
+        metrics=runtime.metrics,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
     app.add_middleware(RequestContextMiddleware)

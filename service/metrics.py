@@ -73,7 +73,19 @@ class Metrics:
         )
         self.shed_requests = Counter(
             "grerank_shed_requests",
-            "Requests refused with 429 because GRERANK_MAX_QUEUE requests were already admitted, by route.",
+            "Requests refused with 429 (predicted wait over GRERANK_MAX_WAIT_MS, or GRERANK_MAX_QUEUE "
+            "admitted), by route.",
+            ["route"],
+            registry=r,
+        )
+        self.predicted_wait = Gauge(
+            "grerank_predicted_wait_seconds",
+            "Predicted time from admission to answer for a model request arriving now.",
+            registry=r,
+        )
+        self.client_gone = Counter(
+            "grerank_client_gone_requests",
+            "Admitted requests whose client went away before the answer (dropped from the queues), by route.",
             ["route"],
             registry=r,
         )

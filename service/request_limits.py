@@ -33,15 +33,6 @@ def check_texts(texts: Sequence[str], settings: Settings, limit: int, limit_name
             )
 
 
-def check_filter(request: RetrieveRequest | AnswerRequest) -> None:
-    for key in request.filter or {}:
-        # SQLite JSON paths can escape neither a double quote nor a NUL inside a quoted key.
-        if not key or '"' in key or "\0" in key:
-            raise RequestRejected(
-                f"metadata filter key {key!r} must be non-empty and contain no double quote or NUL"
-            )
-
-
 def check_rerank(request: RerankRequest, settings: Settings) -> None:
     check_query(request.query, settings)
     check_texts(request.texts(), settings, settings.max_documents, "GRERANK_MAX_DOCUMENTS")
@@ -50,7 +41,6 @@ def check_rerank(request: RerankRequest, settings: Settings) -> None:
 def check_retrieve(request: RetrieveRequest, settings: Settings) -> int:
     """Validates and returns how many documents to retrieve."""
     check_query(request.query, settings)
-    check_filter(request)
     k = request.top_k or settings.default_candidates
     if k > settings.max_candidates:
         raise RequestRejected(
@@ -62,29 +52,25 @@ def check_retrieve(request: RetrieveRequest, settings: Settings) -> int:
 def check_answer(request: AnswerRequest, settings: Settings, default_top_k: int) -> tuple[int, int]:
     """Validates and returns (top_k, candidates)."""
     check_query(request.query, settings)
-    check_filter(request)
+    limit = min(settings.max_candidates, settings.max_documents)
+    for name in ("candidates", "top_k"):
+        if (value := getattr(request, name)) is not None and value > limit:
+            raise RequestRejected(f"{name} is {value}; the limit is {limit} (GRERANK_MAX_CANDIDATES)")
     # Without an explicit candidates, a top_k above the default retrieves top_k candidates.
-    candidates = request.candidates or max(settings.default_candidates, request.top_k or 0)
-    if candidates > min(settings.max_candidates, settings.max_documents):
-        limit = min(settings.max_candidates, settings.max_documents)
-        raise RequestRejected(f"candidates is {candidates}; the limit is {limit} (GRERANK_MAX_CANDIDATES)")
-    top_k = request.top_k or default_top_k
-    if top_k > candidates:
-        raise RequestRejected(f"top_k ({top_k}) must not exceed candidates ({candidates})")
-    return top_k, candidates
+    candidates = request.candidates or min(max(settings.default_candidates, request.top_k or 0), limit)
+    # The reader cannot see more documents than were retrieved; it sees them all.
+    return min(request.top_k or default_top_k, candidates), candidates
 
 
-def check_upsert(documents: Sequence[NewDocument], settings: Settings) -> None:
+def check_upsert(documents: Sequence[NewDocument], settings: Settings) -> list[NewDocument]:
+    """Validates and returns the documents to write: an id given more than once is written once, as its
+    last occurrence, as if the upserts were applied in order."""
     if not documents:
         raise RequestRejected("documents must not be empty")
     check_texts(
         [d.text for d in documents], settings, settings.max_upsert_documents, "GRERANK_MAX_UPSERT_DOCUMENTS"
     )
-    seen: set[str] = set()
-    for d in documents:
-        if d.id in seen:
-            raise RequestRejected(f"document id {d.id!r} appears more than once in the request")
-        seen.add(d.id)
+    return list({d.id: d for d in documents}.values())
 
 
 def state_in_schema(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -11,7 +11,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+)
 
 
 def _encodable(value: str) -> str:
@@ -26,9 +35,30 @@ def _encodable(value: str) -> str:
 # Every text field of a request: a string (no coercion from numbers) that encodes as UTF-8.
 Text = Annotated[StrictStr, AfterValidator(_encodable)]
 
-# Metadata filters compare a top-level metadata key for equality; SQLite integers are 64-bit.
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's integer: 3 and 3.0, not true or "3" (which pydantic's int would take).
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    return value
+
+
+# Every count in a request: a JSON integer of at least 1.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+
+# Metadata filters compare a top-level metadata key for equality; SQLite integers are 64-bit, and SQLite
+# JSON paths can escape neither a double quote nor a NUL inside a quoted key.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+FilterKey = Annotated[StrictStr, Field(min_length=1, pattern=r'^[^"\u0000]+$'), AfterValidator(_encodable)]
 FilterValue = Text | bool | Int64 | Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _only_matching_keys(schema: dict[str, Any]) -> None:
+    """Pydantic states a key pattern as ``patternProperties`` alone, which leaves other keys allowed; say
+    that no other key is (``additionalProperties: false``), as validation does."""
+    for variant in schema.get("anyOf", [schema]):
+        if "patternProperties" in variant:
+            variant["additionalProperties"] = False
 
 
 # What the validators below enforce, stated in the schema too (clients and schema-driven tests read it),
@@ -81,7 +111,7 @@ class RerankRequest(BaseModel):
         description="Texts to score, as strings or objects with 'text' and an optional 'id'.",
         json_schema_extra=NON_EMPTY_LIST,
     )
-    top_n: int | None = Field(None, ge=1, description="Return only the best top_n results (default: all).")
+    top_n: Count | None = Field(None, description="Return only the best top_n results (default: all).")
     return_documents: StrictBool = Field(False, description="Include each document's text in the results.")
     model: Text | None = Field(None, description="Accepted for client compatibility; one model is served.")
     raw_scores: StrictBool = Field(
@@ -125,8 +155,10 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: Text = Field(json_schema_extra=NON_EMPTY_TEXT)
-    filter: dict[Text, FilterValue] | None = Field(
-        None, description="Only documents whose metadata has these key/value pairs."
+    filter: dict[FilterKey, FilterValue] | None = Field(
+        None,
+        description="Only documents whose metadata has these key/value pairs.",
+        json_schema_extra=_only_matching_keys,
     )
 
     @field_validator("query")
@@ -136,8 +168,8 @@ class SearchRequest(BaseModel):
 
 
 class RetrieveRequest(SearchRequest):
-    top_k: int | None = Field(
-        None, ge=1, description="Documents to return (default: GRERANK_DEFAULT_CANDIDATES)."
+    top_k: Count | None = Field(
+        None, description="Documents to return (default: GRERANK_DEFAULT_CANDIDATES)."
     )
 
 
@@ -155,12 +187,10 @@ class RetrieveResponse(BaseModel):
 
 
 class AnswerRequest(SearchRequest):
-    top_k: int | None = Field(
-        None, ge=1, description="Documents the reader sees (default: the artifact's k)."
+    top_k: Count | None = Field(
+        None, description="Documents the reader sees (default: the artifact's k), at most candidates."
     )
-    candidates: int | None = Field(
-        None, ge=1, description="Documents retrieved before reranking (default 20)."
-    )
+    candidates: Count | None = Field(None, description="Documents retrieved before reranking (default 20).")
     stream: StrictBool = Field(False, description="Stream answer tokens as server-sent events.")
 
 

@@ -118,6 +118,18 @@ class Settings(BaseSettings):
         description="Requests for model work admitted at once (waiting for or on the model worker); "
         "beyond it 429 with Retry-After.",
     )
+    max_wait_ms: int = Field(
+        3000,
+        ge=1,
+        description="Admit a model request only if its predicted time to answer (from the recent service "
+        "rate and the requests ahead of it) is within this; else 429 with Retry-After.",
+    )
+    shed_delay_ms: int = Field(
+        1000,
+        ge=0,
+        description="Hold a refusal (429) this long before answering it, so clients that retry at once "
+        "cannot spend the CPU on refusals; at most Retry-After.",
+    )
     stage_timeouts: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_STAGE_TIMEOUTS),
         description="Seconds per pipeline stage, e.g. 'rerank=30,read=60' (unnamed stages keep their "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,7 +175,7 @@ AWKWARD_BODIES = [
     ("/documents", b'[{"text": "a", "metadata": {"x": NaN}}]', 422),  # Python's JSON reads NaN; JSON has none
     ("/documents", b'[{"text": "a", "metadata": {"\\ud800": 1}}]', 422),
     ("/documents", b'[{"text": "a", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}]", 422),
-    ("/retrieve", b'{"query": "q", "filter": {"a\\u0000b": 1}}', 400),  # SQLite JSON paths cannot hold NUL
+    ("/retrieve", b'{"query": "q", "filter": {"a\\u0000b": 1}}', 422),  # SQLite JSON paths cannot hold NUL
     ("/retrieve", b'{"query": "q", "filter": {"a": 100000000000000000000000}}', 200),  # over int64: a float
     ("/answer", b'{"query": "q", "filter": {"a": Infinity}}', 422),
     ("/documents", b'[{"text": "a", "metadata": {"deep": ' + b"[" * 20_000 + b"]" * 20_000 + b"}}]", 400),
@@ -320,3 +322,22 @@ def test_operations_routes_can_be_closed(tmp_path: Path) -> None:
             assert client.get(path).status_code == 401
         assert client.get("/metrics", headers=bearer(WRITE_KEY)).status_code == 200
         assert client.get("/readyz", headers=bearer(WRITE_KEY)).status_code in (200, 503)
+
+
+def test_schemathesis_run_with_every_check_finds_nothing(server: Server, tmp_path: Path) -> None:
+    # The command line a user would run, every check included: status codes, headers and bodies conform to
+    # the schema, schema-invalid input is refused and schema-valid input accepted, Allow headers, auth.
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "run",
+        server.url + "/openapi.json",
+        "--checks", "all",
+        "--max-examples", "25",
+        "--seed", "1",
+        "--generation-deterministic",
+        "--header", f"Authorization: Bearer {WRITE_KEY}",
+        "--request-timeout", "60",
+        "--workers", "1",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-20_000:] + run.stderr[-4000:]

@@ -143,3 +143,4 @@ async def answer_events(runtime: Runtime, pipeline: Pipeline, args: tuple) -> As
         yield sse("done", answer_response(result).model_dump())
     finally:
         stop.set()
+        future.cancel()  # not started yet (the client went away while it waited): it never runs

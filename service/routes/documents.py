@@ -37,8 +37,8 @@ async def upsert_documents(
 ) -> UpsertResponse:
     """Add or replace documents. Acknowledged only after the SQLite commit and the index file replace."""
     items = body.documents if isinstance(body, DocumentsUpsert) else body
-    documents = [NewDocument(d.id or content_id(d.title, d.text), d.title, d.text, d.metadata) for d in items]
-    check_upsert(documents, settings)
+    given = [NewDocument(d.id or content_id(d.title, d.text), d.title, d.text, d.metadata) for d in items]
+    documents = check_upsert(given, settings)
     await runtime.worker.run(pipeline.upsert, documents)
     return UpsertResponse(
         upserted=len(documents), ids=[d.id for d in documents], documents_indexed=len(pipeline.index)

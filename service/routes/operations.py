@@ -58,8 +58,8 @@ async def info(runtime: AppRuntime) -> dict[str, Any]:
         name: getattr(settings, name)
         for name in (
             "max_documents", "max_document_chars", "max_query_chars", "max_upsert_documents",
-            "max_candidates", "default_candidates", "max_request_bytes", "max_queue", "max_batch_tokens",
-            "rerank_batch_size", "stage_timeouts",
+            "max_candidates", "default_candidates", "max_request_bytes", "max_queue", "max_wait_ms",
+            "shed_delay_ms", "max_batch_tokens", "rerank_batch_size", "stage_timeouts",
         )
     }  # fmt: skip
     return out
