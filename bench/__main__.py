@@ -25,7 +25,7 @@ from typing import Any
 
 from bench import environment
 
-BENCHMARKS = ("rerank_throughput", "faiss_retrieval", "answer_latency", "train_throughput")
+BENCHMARKS = ("rerank_throughput", "faiss_retrieval", "answer_latency", "overload", "train_throughput")
 
 
 def run_one(name: str, quick: bool, command: str) -> dict[str, Any]:

@@ -127,20 +127,20 @@ class AdmissionMiddleware:
                 return route
         return None
 
-    def refusal(self, path: str) -> str | None:
-        """Why a request for ``path`` arriving now is refused, or None to admit it."""
+    def refusal(self, kind: str) -> str | None:
+        """Why a request of ``kind`` (a route's endpoint) arriving now is refused, or None to admit it."""
         if self.predictor.in_flight >= self.limit:
             return f"{self.limit} requests are already admitted for the model (GRERANK_MAX_QUEUE)"
-        wait = self.predictor.predicted_wait(path)
+        wait = self.predictor.predicted_wait(kind)
         if self.predictor.in_flight and wait > self.max_wait:
             return (
                 f"the predicted wait, {wait:.1f} s, exceeds GRERANK_MAX_WAIT_MS ({self.max_wait * 1000:.0f})"
             )
         return None
 
-    def retry_after(self, path: str) -> int:
+    def retry_after(self, kind: str) -> int:
         """Seconds until a request would fit: until enough of those ahead have been answered."""
-        excess = self.predictor.predicted_wait(path) - self.max_wait
+        excess = self.predictor.predicted_wait(kind) - self.max_wait
         return max(1, min(_MAX_RETRY_AFTER, math.ceil(excess)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,29 +149,30 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         path = getattr(route, "path", "unmatched")
+        kind = getattr(route, "name", path)  # the /rerank aliases are one kind of work
         # The event loop runs one coroutine at a time: this decision and the count below cannot interleave.
-        reason = self.refusal(path)
+        reason = self.refusal(kind)
         if reason is not None:
             scope["route"] = route  # so the request metrics count it under its route, not as unmatched
-            await self._refuse(path, reason, send)
+            await self._refuse(path, kind, reason, send)
             return
         start = time.perf_counter()
-        predicted = self.predictor.started(path, start)
+        predicted = self.predictor.started(kind, start)
         self.metrics.admitted_requests.set(self.predictor.in_flight)
         status = 500
         try:
             status = await _serve_until_gone(self.app, scope, receive, send)
         finally:
             now = time.perf_counter()
-            self.predictor.finished(path, now, now - start, predicted, served=status < 400)
+            self.predictor.finished(kind, now, now - start, predicted, served=status < 400)
             self.metrics.admitted_requests.set(self.predictor.in_flight)
-            self.metrics.predicted_wait.set(self.predictor.predicted_wait(path))
+            self.metrics.predicted_wait.set(self.predictor.predicted_wait(kind))
             if status == CLIENT_GONE:
                 self.metrics.client_gone.labels(path).inc()
 
-    async def _refuse(self, path: str, reason: str, send: Send) -> None:
+    async def _refuse(self, path: str, kind: str, reason: str, send: Send) -> None:
         self.metrics.shed_requests.labels(path).inc()
-        retry_after = self.retry_after(path)
+        retry_after = self.retry_after(kind)
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= _LOG_EVERY:

@@ -109,7 +109,7 @@ def test_a_refusal_is_held_then_answered_429_with_retry_after() -> None:
     async def refuse() -> float:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        await middleware._refuse("/rerank", "busy", send)
+        await middleware._refuse("/rerank", "rerank", "busy", send)
         return loop.time() - start
 
     assert asyncio.run(refuse()) >= 0.19
