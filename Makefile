@@ -33,7 +33,7 @@ models: $(STAMP)  ## convert the default GGUF reader to a safetensors cache (onc
 	$(PY) -m grerank.model_paths --prepare
 
 index: $(STAMP)  ## build the demo index from the vendored HotpotQA paragraphs if it is missing
-	$(PY) -m service.build_index --if-missing
+	$(PY) -m service.storage.build_index --if-missing
 
 serve: models index  ## set up, build the demo index if missing, serve on $HOST:$PORT
 	$(PY) -m service --host $(HOST) --port $(PORT)

@@ -10,7 +10,7 @@ repeated runs:
   ``done`` event,
   - with document states cached (every question asked once beforehand; what
     ``GRERANK_PRECOMPUTE_READER_STATES`` gives for every indexed document): the reader's per-document
-    states, and the reranker's document embeddings (:mod:`service.rerank_cache`, kept from a document's
+    states, and the reranker's document embeddings (:mod:`service.engine.rerank_cache`, kept from a document's
     first read),
   - computing both per query (``GRERANK_READER_CACHE_MB=0``, ``GRERANK_RERANK_CACHE_MB=0``);
 * in process, the reader alone on the three documents ``/answer`` chose: first token and full answer from
@@ -39,9 +39,9 @@ from bench.local_service import serving
 from grerank import qa_data
 from grerank.decoder_reader import DecoderReader
 from grerank.passage import Passage
-from service.document_index import STORE_FILE
-from service.models import load_reader, resolve_bf16
+from service.engine.models import load_reader, resolve_bf16
 from service.settings import Settings
+from service.storage.document_index import STORE_FILE
 from tests.uvicorn_server import ROOT
 
 CANDIDATES = 20

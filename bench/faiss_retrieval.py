@@ -24,10 +24,10 @@ import numpy as np
 
 from bench.stats import percentile
 from grerank import qa_data
-from service.build_index import hotpot_documents
-from service.document_index import STORE_FILE, DocumentIndex
-from service.models import load_embedder, resolve_bf16
+from service.engine.models import load_embedder, resolve_bf16
 from service.settings import Settings
+from service.storage.build_index import hotpot_documents
+from service.storage.document_index import STORE_FILE, DocumentIndex
 
 TOP = 20
 RECALL_AT = 10

@@ -27,8 +27,8 @@ import httpx
 
 from bench.load_generator import Policy, RequestFactory, run_load
 from grerank import qa_data
-from service.document_index import STORE_FILE
 from service.settings import Settings
+from service.storage.document_index import STORE_FILE
 from tests.uvicorn_server import ROOT, Server
 
 ROUNDS: dict[str, tuple[int, Policy]] = {

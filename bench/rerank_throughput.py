@@ -46,9 +46,9 @@ from bench.stats import medians, percentile, summary
 from grerank import model_paths, qa_data
 from grerank.reranker import build_reranker
 from grerank.runtime import resolve_dtype
-from service.batching_queue import rerank_inline
+from service.engine.batching_queue import rerank_inline
+from service.engine.rerank_backend import RerankBackend
 from service.metrics import Metrics
-from service.rerank_backend import RerankBackend
 from service.settings import Settings
 from tests.uvicorn_server import ROOT, free_port
 
@@ -225,7 +225,7 @@ def backend_for(dtype: torch.dtype) -> RerankBackend:
 
 def model_alone(backend: RerankBackend, work: Workload, repeats: int) -> dict[str, Any]:
     """All requests through the queue's pass planning and the backend, as one batch: model-only seconds."""
-    from service.batching_queue import PassPlanner, RerankJob, run_pass
+    from service.engine.batching_queue import PassPlanner, RerankJob, run_pass
 
     settings, metrics = Settings(), Metrics()
     seconds = []

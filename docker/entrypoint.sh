@@ -30,7 +30,7 @@ if [ "${GRERANK_BUILD_INDEX:-if-missing}" = "if-missing" ]; then
         done
     fi
     if ! has_index "$dest"; then
-        python -m service.build_index --if-missing
+        python -m service.storage.build_index --if-missing
     fi
 fi
 

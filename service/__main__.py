@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         timeout_graceful_shutdown=args.graceful_timeout,
         log_level=args.log_level,
-        # The app logs one access line per request itself, with the request id (service.http_middleware).
+        # The app logs one access line per request itself, with the request id (service.api.http_middleware).
         access_log=False,
     )
 

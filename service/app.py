@@ -1,4 +1,4 @@
-"""The FastAPI app: the routers of service.routes, error mapping and middleware, assembled. Run with
+"""The FastAPI app: the routers of service.api.routes, error mapping and middleware, assembled. Run with
 
     uvicorn service.app:create_app --factory
 
@@ -30,19 +30,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import logs
-from service.admission import AdmissionMiddleware
-from service.api_keys import KeyRing, without_plain_keys
-from service.batching_queue import QueueClosed, QueueFull
-from service.http_middleware import (
+from service.api.admission import AdmissionMiddleware
+from service.api.api_keys import KeyRing, without_plain_keys
+from service.api.http_middleware import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
     RequestMetricsMiddleware,
 )
-from service.request_limits import RequestRejected, state_in_schema
-from service.routes import MODEL_ENDPOINTS, ROUTERS
-from service.runtime import Runtime
+from service.api.request_limits import RequestRejected, state_in_schema
+from service.api.routes import MODEL_ENDPOINTS, ROUTERS
+from service.engine.batching_queue import QueueClosed, QueueFull
+from service.engine.runtime import Runtime
+from service.engine.stage_timeouts import StageTimeout
 from service.settings import Settings
-from service.stage_timeouts import StageTimeout
 from service.version import VERSION
 
 # From the routers themselves: the app's route list holds the included routers rather than their routes.

@@ -1,9 +1,10 @@
 """Structured logs: one JSON object per line, carrying the id of the request being served.
 
-The request id lives in a context variable set by :class:`service.http_middleware.RequestContextMiddleware`
-(and copied onto the model worker thread with each job), so every line logged while serving a request, in
-the service, the models or uvicorn, names it. Secrets are never logged: no route logs headers or bodies,
-and as a second line of defence anything shaped like a bearer token or an API key header is redacted.
+The request id lives in a context variable set by
+:class:`service.api.http_middleware.RequestContextMiddleware` (and copied onto the model worker thread with
+each job), so every line logged while serving a request, in the service, the models or uvicorn, names it.
+Secrets are never logged: no route logs headers or bodies, and as a second line of defence anything shaped
+like a bearer token or an API key header is redacted.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Admission by predicted wait (service.admission), on a made-up clock: what is predicted from what was
+"""Admission by predicted wait (service.api.admission), on a made-up clock: what is predicted from what was
 served, what is refused, and the Retry-After it is told."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from service.admission import AdmissionMiddleware, WaitPredictor
+from service.api.admission import AdmissionMiddleware, WaitPredictor
 from service.metrics import Metrics
 
 

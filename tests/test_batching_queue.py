@@ -18,14 +18,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from grerank import model_paths, qa_data
 from grerank.reranker import CrossEncoderReranker, build_reranker
-from service.batching_queue import BatchingQueue, PassPlanner, QueueFull, RerankJob, rerank_inline
+from service.api.request_limits import RequestRejected
+from service.engine.batching_queue import BatchingQueue, PassPlanner, QueueFull, RerankJob, rerank_inline
+from service.engine.model_worker import ModelWorker
+from service.engine.rerank_backend import TOKENS_PER_BLOCK, Encoded, RerankBackend
+from service.engine.rerank_cache import ENTRY_OVERHEAD_BYTES, RerankCache
+from service.engine.stage_timeouts import StageTimeout
+from service.engine.truncation import TruncationPolicy
 from service.metrics import Metrics
-from service.model_worker import ModelWorker
-from service.request_limits import RequestRejected
-from service.rerank_backend import TOKENS_PER_BLOCK, Encoded, RerankBackend
-from service.rerank_cache import ENTRY_OVERHEAD_BYTES, RerankCache
-from service.stage_timeouts import StageTimeout
-from service.truncation import TruncationPolicy
 from tests.test_hardening_faults import serving, settings_for
 
 MAX_TOKENS, MAX_ROWS = 512, 16

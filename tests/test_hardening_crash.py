@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.document_index import INDEX_FILE, STORE_FILE
-from service.document_store import DocumentStore
-from service.vector_index import VectorIndex
+from service.storage.document_index import INDEX_FILE, STORE_FILE
+from service.storage.document_store import DocumentStore
+from service.storage.vector_index import VectorIndex
 from tests.uvicorn_server import Server, tiny_env
 
 WRITERS = 4

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from service.app import create_app
-from service.document_index import INDEX_FILE, STORE_FILE, DocumentIndex
-from service.document_store import NewDocument
 from service.settings import Settings
+from service.storage.document_index import INDEX_FILE, STORE_FILE, DocumentIndex
+from service.storage.document_store import NewDocument
 from tests.test_service_api import sse_events
 
 TINY = 1e-9  # a stage limit every stage exceeds after its first unit of work

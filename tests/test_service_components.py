@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from grerank.passage import Passage
-from service.document_index import INDEX_FILE, DocumentIndex
-from service.document_store import DocumentStore, NewDocument
-from service.models import UNTRAINED, load_reranker
+from service.engine.models import UNTRAINED, load_reranker
 from service.settings import Settings
-from service.vector_index import VectorIndex, VectorIndexError
+from service.storage.document_index import INDEX_FILE, DocumentIndex
+from service.storage.document_store import DocumentStore, NewDocument
+from service.storage.vector_index import VectorIndex, VectorIndexError
 
 DIM = 8
 
@@ -132,10 +132,10 @@ def test_the_default_reranker_says_it_is_untrained(tiny_bert_dir: Path) -> None:
 def test_reader_states_precomputed_at_indexing_serve_answer_after_a_restart(
     tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    from service.document_index import DocumentIndex
+    from service.engine.models import load_models
+    from service.engine.pipeline import Pipeline
     from service.metrics import Metrics
-    from service.models import load_models
-    from service.pipeline import Pipeline
+    from service.storage.document_index import DocumentIndex
 
     settings = Settings(
         embedder=str(tiny_bert_dir), reranker=str(tiny_bert_dir), reader=str(tiny_llama_dir),

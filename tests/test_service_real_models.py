@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from grerank import qa_data
-from service.build_index import hotpot_documents
+from service.storage.build_index import hotpot_documents
 from tests.uvicorn_server import Server
 
 pytestmark = pytest.mark.real_models

@@ -1,6 +1,6 @@
 """Build the demo index: every distinct paragraph of the shipped HotpotQA splits, embedded and stored.
 
-    python -m service.build_index [--if-missing] [--limit N]
+    python -m service.storage.build_index [--if-missing] [--limit N]
 
 Writes the SQLite store and the FAISS file to ``GRERANK_INDEX_DIR`` with the configured embedder
 (``GRERANK_EMBEDDER``), through the same :class:`DocumentIndex` the service writes with. Paragraph ids are
@@ -18,10 +18,10 @@ import torch
 
 from grerank import qa_data
 from grerank.passage import Passage
-from service.document_index import INDEX_FILE, DocumentIndex
-from service.document_store import NewDocument, content_id
-from service.models import load_embedder, resolve_bf16, resolve_device
+from service.engine.models import load_embedder, resolve_bf16, resolve_device
 from service.settings import Settings
+from service.storage.document_index import INDEX_FILE, DocumentIndex
+from service.storage.document_store import NewDocument, content_id
 
 log = logging.getLogger(__name__)
 

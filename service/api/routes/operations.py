@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.dependencies import API_ERRORS, AppRuntime, authenticate, error, open_or_authenticated
+from service.api.dependencies import API_ERRORS, AppRuntime, authenticate, error, open_or_authenticated
 from service.version import VERSION
 
 probes = APIRouter(tags=["operations"], dependencies=[Depends(open_or_authenticated)], responses=API_ERRORS)

@@ -1,8 +1,8 @@
 """One thread that runs all model and index work, one job at a time, off the event loop.
 
 Serialising the jobs keeps the models free of concurrent use and the CPU free of oversubscription. Rerank
-work of concurrent requests is batched by :mod:`service.batching_queue`, which runs here one forward pass per
-job and then queues again behind whatever else is waiting, so an ``/answer`` still gets its turn.
+work of concurrent requests is batched by :mod:`service.engine.batching_queue`, which runs here one forward
+pass per job and then queues again behind whatever else is waiting, so an ``/answer`` still gets its turn.
 """
 
 from __future__ import annotations

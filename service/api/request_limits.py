@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from service.document_store import NewDocument
-from service.schemas import AnswerRequest, RerankRequest, RetrieveRequest
+from service.api.schemas.answer import AnswerRequest, RetrieveRequest
+from service.api.schemas.rerank import RerankRequest
 from service.settings import Settings
+from service.storage.document_store import NewDocument
 
 
 class RequestRejected(ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from service.dependencies import (
+from service.api.dependencies import (
     API_ERRORS,
     MODEL_ERRORS,
     AppRuntime,
@@ -20,10 +20,8 @@ from service.dependencies import (
     ReadyPipeline,
     authenticate,
 )
-from service.pipeline import Answer, AnswerCancelled, Pipeline
-from service.request_limits import check_answer, check_retrieve
-from service.runtime import Runtime
-from service.schemas import (
+from service.api.request_limits import check_answer, check_retrieve
+from service.api.schemas.answer import (
     AnswerRequest,
     AnswerResponse,
     Citation,
@@ -32,7 +30,9 @@ from service.schemas import (
     RetrieveResponse,
     StageError,
 )
-from service.stage_timeouts import StageTimeout
+from service.engine.pipeline import Answer, AnswerCancelled, Pipeline
+from service.engine.runtime import Runtime
+from service.engine.stage_timeouts import StageTimeout
 
 router = APIRouter(tags=["answer"], dependencies=[Depends(authenticate)], responses=API_ERRORS)
 

@@ -1,14 +1,14 @@
 """The request paths over the loaded models and the document index.
 
 ``/answer``: embed the query -> FAISS retrieval -> rerank the candidates (those read before come from
-:mod:`service.rerank_cache`) -> deterministic top-k (no noise,
+:mod:`service.engine.rerank_cache`) -> deterministic top-k (no noise,
 ties by candidate order: the very ``hard_topk`` training evaluates with) -> the parallel-encoding reader.
 If the reader fails or runs out of time, the answer is None with an ``error``, and the reranked documents
 are still returned: they are most of the value, and were computed.
 
-Each stage checks its time limit (:mod:`service.stage_timeouts`) between units of work.
+Each stage checks its time limit (:mod:`service.engine.stage_timeouts`) between units of work.
 
-Every method here runs on the model worker thread (:mod:`service.model_worker`), one call at a time.
+Every method here runs on the model worker thread (:mod:`service.engine.model_worker`), one call at a time.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.passage import Passage
 from grerank.runtime import resolve_dtype
-from service.batching_queue import rerank_inline
-from service.document_index import DocumentIndex, Hit
-from service.document_store import NewDocument, StoredDocument
+from service.engine.batching_queue import rerank_inline
+from service.engine.models import Models
+from service.engine.rerank_backend import RerankBackend
+from service.engine.rerank_cache import RerankCache
+from service.engine.stage_timeouts import StageClock, StageTimeout
+from service.engine.truncation import TruncationPolicy
 from service.metrics import Metrics
-from service.models import Models
-from service.rerank_backend import RerankBackend
-from service.rerank_cache import RerankCache
 from service.settings import Settings
-from service.stage_timeouts import StageClock, StageTimeout
-from service.truncation import TruncationPolicy
+from service.storage.document_index import DocumentIndex, Hit
+from service.storage.document_store import NewDocument, StoredDocument
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Pipeline:
         self, query: str, texts: Sequence[str], timings_ms: dict[str, float] | None = None
     ) -> torch.Tensor:
         """Scores ``[n]`` in input order, on this thread (``/answer``: its job holds the worker). The same
-        bits as ``/rerank`` gets through the batching queue (:mod:`service.batching_queue`)."""
+        bits as ``/rerank`` gets through the batching queue (:mod:`service.engine.batching_queue`)."""
         with self.metrics.stage("rerank", timings_ms):
             return rerank_inline(
                 self.rerank_backend,

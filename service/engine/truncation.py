@@ -1,7 +1,7 @@
 """The token-truncation policy: how much of a long text the models read, and which texts a request had cut.
 
-Characters are limited per request (:mod:`service.request_limits`); tokens are limited per model input, and
-a text over the token limit is cut, never rejected:
+Characters are limited per request (:mod:`service.api.request_limits`); tokens are limited per model input,
+and a text over the token limit is cut, never rejected:
 
 * reranker (``max_length``, 256 for the defaults, in the reranker's config): a bi-encoder reads the query
   and each document on their own, each cut to 256 tokens with its special tokens; a cross-encoder reads the

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
-from service.api_keys import Access, KeyRing
-from service.batching_queue import BatchingQueue
-from service.pipeline import Pipeline
-from service.runtime import Runtime
-from service.schemas import ErrorResponse
+from service.api.api_keys import Access, KeyRing
+from service.api.schemas.common import ErrorResponse
+from service.engine.batching_queue import BatchingQueue
+from service.engine.pipeline import Pipeline
+from service.engine.runtime import Runtime
 from service.settings import Settings
 
 

@@ -2,8 +2,8 @@
 text-embeddings-inference).
 
 ``/rerank`` requests are put in this queue instead of each taking the model on its own. The queue runs on
-the model worker (:mod:`service.model_worker`) one forward pass per turn, and after each pass goes to the
-back of the worker's line, so an ``/answer`` or a document write waiting there gets the model next: rerank
+the model worker (:mod:`service.engine.model_worker`) one forward pass per turn, and after each pass goes to
+the back of the worker's line, so an ``/answer`` or a document write waiting there gets the model next: rerank
 traffic delays other work by at most one pass. Each turn:
 
 1. tokenizes the requests that arrived since the last turn (on the worker thread: tokenizers must not be
@@ -15,10 +15,10 @@ traffic delays other work by at most one pass. Each turn:
    to end, so there is no padding to sort by length against;
 4. answers every request whose last sequence was in the pass.
 
-Scores do not depend on the batching: :mod:`service.rerank_backend` makes each sequence's output a function
-of that sequence alone, so a request gets the same bits alone, among others, scored inline by
-:func:`rerank_inline` (``/answer``, which already holds the worker), or from :mod:`service.rerank_cache`,
-which answers the sequences read before without a pass.
+Scores do not depend on the batching: :mod:`service.engine.rerank_backend` makes each sequence's output a
+function of that sequence alone, so a request gets the same bits alone, among others, scored inline by
+:func:`rerank_inline` (``/answer``, which already holds the worker), or from
+:mod:`service.engine.rerank_cache`, which answers the sequences read before without a pass.
 
 The queue is bounded: at most ``GRERANK_MAX_QUEUE`` requests (the admission middleware refuses more before
 they reach it; this bound also holds for callers in process), beyond it :class:`QueueFull` (429).
@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
+from service.api.request_limits import RequestRejected
+from service.engine.model_worker import ModelWorker
+from service.engine.rerank_backend import Encoded, RerankBackend
+from service.engine.rerank_cache import RerankCache
+from service.engine.stage_timeouts import StageClock
+from service.engine.truncation import TruncationPolicy
 from service.metrics import Metrics
-from service.model_worker import ModelWorker
-from service.request_limits import RequestRejected
-from service.rerank_backend import Encoded, RerankBackend
-from service.rerank_cache import RerankCache
-from service.stage_timeouts import StageClock
-from service.truncation import TruncationPolicy
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException
 
-from service.dependencies import (
+from service.api.dependencies import (
     API_ERRORS,
     MODEL_ERRORS,
     NOT_FOUND,
@@ -18,9 +18,15 @@ from service.dependencies import (
     authenticate,
     require_write,
 )
-from service.document_store import NewDocument, content_id
-from service.request_limits import check_upsert
-from service.schemas import DeleteResponse, DocumentIn, DocumentOut, DocumentsUpsert, UpsertResponse
+from service.api.request_limits import check_upsert
+from service.api.schemas.documents import (
+    DeleteResponse,
+    DocumentIn,
+    DocumentOut,
+    DocumentsUpsert,
+    UpsertResponse,
+)
+from service.storage.document_store import NewDocument, content_id
 
 router = APIRouter(tags=["documents"], dependencies=[Depends(authenticate)], responses=API_ERRORS)
 

@@ -2,8 +2,8 @@
 next time it comes back.
 
 The backend's output for a sequence is a function of that sequence's tokens alone
-(:mod:`service.rerank_backend`), so a stored output holds the very bits a new pass would give: the cache
-cannot change a score. For a bi-encoder a sequence is one document (or one query), so a document that
+(:mod:`service.engine.rerank_backend`), so a stored output holds the very bits a new pass would give: the
+cache cannot change a score. For a bi-encoder a sequence is one document (or one query), so a document that
 returns is read once: ``/answer``'s candidates come from the index, and a corpus gets reranked for query
 after query. For a cross-encoder a sequence is a (query, document) pair, so only a repeated pair hits.
 
@@ -19,8 +19,8 @@ from collections import OrderedDict
 
 import torch
 
+from service.engine.rerank_backend import Encoded
 from service.metrics import Metrics
-from service.rerank_backend import Encoded
 
 # What an entry costs beside its output: the key, the tensor object and the dictionary slot.
 ENTRY_OVERHEAD_BYTES = 256

@@ -7,7 +7,7 @@ import uuid
 
 from fastapi import APIRouter, Depends
 
-from service.dependencies import (
+from service.api.dependencies import (
     API_ERRORS,
     MODEL_ERRORS,
     AppSettings,
@@ -15,8 +15,8 @@ from service.dependencies import (
     RerankQueue,
     authenticate,
 )
-from service.request_limits import check_rerank
-from service.schemas import RerankRequest, RerankResponse, RerankResult, RerankResultDocument
+from service.api.request_limits import check_rerank
+from service.api.schemas.rerank import RerankRequest, RerankResponse, RerankResult, RerankResultDocument
 
 router = APIRouter(tags=["rerank"], dependencies=[Depends(authenticate)], responses=API_ERRORS)
 

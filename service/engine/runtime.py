@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from service.batching_queue import BatchingQueue
-from service.document_index import DocumentIndex
+from service.engine.batching_queue import BatchingQueue
+from service.engine.model_worker import ModelWorker
+from service.engine.models import load_models
+from service.engine.pipeline import Pipeline
 from service.metrics import Metrics
-from service.model_worker import ModelWorker
-from service.models import load_models
-from service.pipeline import Pipeline
 from service.settings import Settings
+from service.storage.document_index import DocumentIndex
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from grerank.passage import Passage
-from service.document_store import DocumentStore, NewDocument, StoredDocument
-from service.vector_index import VectorIndex, VectorIndexError, remove_stale_temporaries
+from service.storage.document_store import DocumentStore, NewDocument, StoredDocument
+from service.storage.vector_index import VectorIndex, VectorIndexError, remove_stale_temporaries
 
 STORE_FILE = "documents.sqlite3"
 INDEX_FILE = "vectors.faiss"
