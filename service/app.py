@@ -43,6 +43,7 @@ from service.engine.batching_queue import QueueClosed, QueueFull
 from service.engine.runtime import Runtime
 from service.engine.stage_timeouts import StageTimeout
 from service.settings import Settings
+from service.storage.postgres_store import StoreUnavailable
 from service.version import VERSION
 
 # From the routers themselves: the app's route list holds the included routers rather than their routes.
@@ -100,6 +101,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {m for r in API_ROUTES if r.matches(request.scope)[0] != Match.NONE for m in r.methods}
         )
         return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
 
     @app.exception_handler(StageTimeout)
     async def timed_out(request: Request, exc: StageTimeout) -> JSONResponse:

@@ -102,6 +102,17 @@ class Metrics:
         )
         self.documents_indexed = Gauge("grerank_documents_indexed", "Documents in the index.", registry=r)
         self.ready = Gauge("grerank_ready", "1 when models and index are loaded.", registry=r)
+        self.index_sequence = Gauge(
+            "grerank_index_sequence",
+            "The store change this replica's index reflects (PostgreSQL store).",
+            registry=r,
+        )
+        self.index_lag = Gauge(
+            "grerank_index_lag_seconds",
+            "How long ago the oldest change this replica's index has not applied was committed (PostgreSQL "
+            "store; +Inf while the store is unreachable).",
+            registry=r,
+        )
         self.reader_cache_bytes = Gauge(
             "grerank_reader_cache_bytes", "Memory held by cached per-document reader states.", registry=r
         )

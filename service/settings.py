@@ -58,6 +58,17 @@ class Settings(BaseSettings):
 
     # ---- storage ----
     index_dir: Path = Field(Path("var/index"), description="Folder of the SQLite store and the FAISS index.")
+    store_url: str | None = Field(
+        None,
+        description="postgresql://... : keep documents in this PostgreSQL database, shared by every replica, "
+        "each replica's FAISS index following its change log; unset: the embedded SQLite store in index_dir.",
+    )
+    store_poll_ms: int = Field(
+        1000, ge=10, description="With a PostgreSQL store: poll its change log this often besides LISTEN."
+    )
+    max_index_lag_s: float = Field(
+        10.0, gt=0, description="With a PostgreSQL store: /readyz answers 503 while the index lags more."
+    )
 
     # ---- request limits and defaults ----
     max_documents: int = Field(1000, ge=1, description="Documents per /rerank request.")

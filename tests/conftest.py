@@ -6,6 +6,9 @@ model-shaped code path can be tested fast; tests marked ``real_models`` use the 
 
 from __future__ import annotations
 
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from transformers import (
 )
 
 from grerank import model_paths
+from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +101,20 @@ def copy_reader_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactor
     from tests.synthetic_qa import build_copy_reader
 
     return build_copy_reader(tokenizer_dir, tmp_path_factory.mktemp("copy-reader"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the session (initdb, a free loopback port), removed at the end."""
+    # Directly under /tmp: as root the server runs as the postgres user, who cannot enter pytest's folders.
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="grerank-pg-"))).init()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """An empty database of its own for one test."""
+    return postgres.fresh_database("t_" + uuid.uuid4().hex[:12])

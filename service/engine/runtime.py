@@ -17,6 +17,8 @@ from service.engine.pipeline import Pipeline
 from service.metrics import Metrics
 from service.settings import Settings
 from service.storage.document_index import DocumentIndex
+from service.storage.index_follower import IndexFollower
+from service.storage.postgres_store import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class Runtime:
         self.worker = ModelWorker(self.metrics)
         self.pipeline: Pipeline | None = None
         self.rerank_queue: BatchingQueue | None = None  # set together with the pipeline
+        self.follower: IndexFollower | None = None  # with a PostgreSQL store
         self.error: str | None = None
         self.components = dict.fromkeys(COMPONENTS, "pending")
 
@@ -38,11 +41,27 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.pipeline is not None
+        return self.pipeline is not None and self.store_problem() is None
+
+    def store_problem(self) -> str | None:
+        """Why the shared store keeps this replica from serving, if it does: unreachable, or the index too
+        far behind its change log."""
+        if self.follower is None:
+            return None
+        if self.follower.error is not None:
+            return self.follower.error
+        if self.follower.lag > self.settings.max_index_lag_s:
+            return (
+                f"the index is {self.follower.lag:.1f} s behind the document store "
+                f"(GRERANK_MAX_INDEX_LAG_S={self.settings.max_index_lag_s:g})"
+            )
+        return None
 
     def not_ready_reason(self) -> str:
         if self.error is not None:
             return f"failed to load: {self.error}"
+        if self.pipeline is not None:
+            return self.store_problem() or ""
         waiting = [name for name, state in self.components.items() if state != "loaded"]
         return f"loading: {', '.join(waiting)}"
 
@@ -56,7 +75,9 @@ class Runtime:
                 self.components[following] = "loading"
 
             models = load_models(self.settings, loaded)
-            index = DocumentIndex(self.settings.index_dir, models.embedder.dim, models.embedder_source)
+            url = self.settings.store_url
+            store = PostgresStore(url) if url else None
+            index = DocumentIndex(self.settings.index_dir, models.embedder.dim, models.embedder_source, store)
             pipeline = Pipeline(models, index, self.settings, self.metrics)
             if index.needs_reembedding:
                 index.reembed(pipeline.embed_passages)
@@ -86,6 +107,8 @@ class Runtime:
                 timeout=self.settings.stage_timeouts["rerank"],
                 cache=pipeline.rerank_cache,
             )
+            if index.follows_log:
+                self.follower = IndexFollower(index, self.settings.store_poll_ms / 1000, self.metrics).start()
             self.pipeline = pipeline
             self.metrics.ready.set(1)
             log.info(
@@ -115,9 +138,13 @@ class Runtime:
             out["documents_indexed"] = len(self.pipeline.index)
         else:
             out["reason"] = self.not_ready_reason()
+        if self.follower is not None:
+            out["store"] = self.follower.describe()
         return out
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         if self.rerank_queue is not None:
             self.rerank_queue.close()
         self.worker.shutdown()

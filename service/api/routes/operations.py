@@ -43,7 +43,8 @@ async def info(runtime: AppRuntime) -> dict[str, Any]:
     if pipeline is not None:
         out["models"] = pipeline.models.describe()
         out["default_top_k"] = pipeline.default_top_k
-        out["index"] = {"path": str(pipeline.index.folder), "documents": len(pipeline.index)}
+        store = "postgresql" if pipeline.index.follows_log else "sqlite"  # not the URL: it may hold secrets
+        out["index"] = {"path": str(pipeline.index.folder), "documents": len(pipeline.index), "store": store}
         out["truncation"] = pipeline.truncation.describe()
         out["rerank_batching"] = pipeline.rerank_backend.describe()
     else:

@@ -1,0 +1,133 @@
+"""The document stores, one suite over both: the embedded SQLite store and the shared PostgreSQL store
+(on a throwaway cluster, see conftest). Then what only the shared store does: replicas' indexes following
+its change log, by notification and, when one is lost, by polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from service.metrics import Metrics
+from service.storage.document_index import DocumentIndex
+from service.storage.document_store import DocumentStore, NewDocument
+from service.storage.index_follower import IndexFollower
+from service.storage.postgres_store import PostgresStore
+from tests.test_service_components import DIM, documents, unit_vectors
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DocumentStore | PostgresStore]:
+    if request.param == "sqlite":
+        opened: DocumentStore | PostgresStore = DocumentStore(tmp_path / "s.sqlite3")
+    else:
+        opened = PostgresStore(request.getfixturevalue("postgres_url"))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_upsert_keeps_keys_and_filters_metadata(store: DocumentStore | PostgresStore) -> None:
+    keys, generation = store.upsert(documents(4), unit_vectors(4))
+    again, generation2 = store.upsert([NewDocument("d1", "T", "new text", {"i": 9})], unit_vectors(1, 1))
+    assert again == [keys[1]] and generation2 > generation == store.generation() - 1
+    assert store.get("d1").text == "new text" and store.count() == 4
+    assert store.keys_matching({"even": True}) == [keys[0], keys[2]]
+    assert store.keys_matching({"even": 1}) == [keys[0], keys[2]]  # true equals 1, as JSON paths read it
+    assert store.keys_matching({"i": 9}) == [keys[1]]
+    assert store.keys_matching({"i": 9, "even": True}) == []
+    removed, _ = store.delete("d0")
+    assert removed == keys[0] and store.delete("d0")[0] is None
+    new, _ = store.upsert(documents(1), unit_vectors(1))
+    assert new[0] not in keys  # keys are never reused: a stale index entry cannot point at a new document
+
+
+def test_reads_return_what_was_written(store: DocumentStore | PostgresStore) -> None:
+    vectors = unit_vectors(3)
+    keys, _ = store.upsert(documents(3), vectors)
+    assert store.get("missing") is None
+    many = store.get_many([keys[2], keys[0], 12345])
+    assert set(many) == {keys[0], keys[2]} and many[keys[2]].metadata == {"i": 2, "even": True}
+    stored_keys, stored = store.embeddings()
+    assert list(stored_keys) == keys and np.array_equal(stored, vectors)
+    passage_keys, passages = store.passages()
+    assert passage_keys == keys and passages[1].title == "T1" and passages[1].text == "text 1"
+    store.set_meta("embedder", "e")
+    assert store.get_meta("embedder") == "e" and store.get_meta("nothing") is None
+    generation = store.replace_embeddings(keys, unit_vectors(3, 7))
+    assert generation == store.generation() and np.array_equal(store.embeddings()[1], unit_vectors(3, 7))
+
+
+# ---- the shared store: replicas following its change log ----
+
+
+def replica(url: str, folder: Path) -> DocumentIndex:
+    return DocumentIndex(folder, DIM, "embedder-a", PostgresStore(url))
+
+
+def test_a_replica_applies_the_others_writes_in_order(postgres_url: str, tmp_path: Path) -> None:
+    a, b = replica(postgres_url, tmp_path / "a"), replica(postgres_url, tmp_path / "b")
+    vectors = unit_vectors(5)
+    a.upsert(documents(5), vectors)
+    assert len(a) == 5 and len(b) == 0  # a reads its own writes at once
+    assert b.catch_up() == 5 and len(b) == 5
+    assert b.delete("d3") and len(b) == 4
+    a.upsert([NewDocument("d1", "T", "moved", {})], unit_vectors(1, 9))
+    a.catch_up()
+    b.catch_up()
+    for index in (a, b):
+        assert index.vectors.generation == a.store.generation()
+        assert sorted(index.vectors.keys()) == sorted(index.store.embeddings()[0])
+        assert index.search(unit_vectors(1, 9)[0], 1)[0].document.text == "moved"
+        assert "d3" not in [h.document.id for h in index.search(vectors[3], 5)]
+    b.close()
+    # Restarted, a replica loads its index file and applies only what came after it.
+    a.upsert(documents(2, start=10), unit_vectors(2, 3))
+    reopened = replica(postgres_url, tmp_path / "b")
+    assert not reopened.rebuilt and len(reopened) == len(a) == 6
+    assert sorted(reopened.vectors.keys()) == sorted(a.vectors.keys())
+    a.close()
+    reopened.close()
+
+
+def test_the_follower_catches_up_by_notification_and_by_polling(postgres_url: str, tmp_path: Path) -> None:
+    a, b = replica(postgres_url, tmp_path / "a"), replica(postgres_url, tmp_path / "b")
+    metrics = Metrics()
+    follower = IndexFollower(b, poll_seconds=1.5, metrics=metrics).start()
+    try:
+        time.sleep(0.3)  # connected and listening
+        a.upsert(documents(3), unit_vectors(3))
+        assert wait_until(lambda: len(b) == 3, 0.8)  # notified: well before the next poll
+        assert wait_until(lambda: follower.sequence == a.vectors.generation and follower.lag == 0, 1.0)
+        assert follower.error is None
+        # A change committed without its notification (a lost one) is found by the next poll.
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            key = conn.execute(
+                "INSERT INTO documents(id, title, text, metadata, embedding) "
+                "VALUES ('quiet', '', 'q', '{}', %s) RETURNING key",
+                (unit_vectors(1, 5)[0].tobytes(),),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO changes(seq, key, op) SELECT max(seq) + 1, %s, 'u' FROM changes", (key,)
+            )
+        assert wait_until(lambda: len(b) == 4, 4.0)
+        assert b.search(unit_vectors(1, 5)[0], 1)[0].document.id == "quiet"
+        assert wait_until(lambda: metrics.index_sequence._value.get() == follower.sequence, 2.0)
+    finally:
+        follower.stop()
+        a.close()
+        b.close()
+
+
+def wait_until(condition: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return bool(condition())  # type: ignore[operator]
