@@ -6,6 +6,8 @@
 #       GRERANK_INDEX_SEED (a published index, e.g. a read-only volume) or from the demo index baked into
 #       the image; build it from the shipped HotpotQA paragraphs only if neither exists.
 #   GRERANK_BUILD_INDEX=never                 start with whatever is there (an empty index if nothing).
+#   With GRERANK_STORE_URL (a shared PostgreSQL store) there is no index to copy: if-missing fills an empty
+#   store with the demo paragraphs once, and every replica's FAISS index follows the store.
 set -eu
 
 # An empty GRERANK_ARTIFACT means unset: the service's default (the shipped trained reranker).
@@ -17,7 +19,11 @@ has_index() {
     [ -f "$1/vectors.faiss" ] && [ -f "$1/documents.sqlite3" ]
 }
 
-if [ "${GRERANK_BUILD_INDEX:-if-missing}" = "if-missing" ]; then
+if [ -n "${GRERANK_STORE_URL:-}" ]; then
+    if [ "${GRERANK_BUILD_INDEX:-if-missing}" = "if-missing" ]; then
+        python -m service.storage.build_index --if-missing
+    fi
+elif [ "${GRERANK_BUILD_INDEX:-if-missing}" = "if-missing" ]; then
     dest="${GRERANK_INDEX_DIR:?GRERANK_INDEX_DIR is not set}"
     if ! has_index "$dest"; then
         for src in ${GRERANK_INDEX_SEED:-} /opt/grerank/demo-index; do

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 K8S = ROOT / "k8s"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
+SHARED_STORE = "overlays/cpu-shared-store"  # the cpu overlay with components/shared-store
 JOBS = ("jobs/train", "jobs/train-multinode", "jobs/build-index")
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # the oldest cluster we claim to support, and the newest schemas
 PORT = 8000
@@ -78,7 +79,7 @@ def app_routes() -> set[str]:
 # ---- Kubernetes: render and validate -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kustomization", OVERLAYS + JOBS)
+@pytest.mark.parametrize("kustomization", (*OVERLAYS, SHARED_STORE, *JOBS))
 def test_renders_and_validates_against_kubernetes_schemas(kustomization: str) -> None:
     import kubernetes_validate
 
@@ -360,6 +361,22 @@ def test_entrypoint_seeds_the_index_and_execs(tmp_path: Path) -> None:
 # ---- compose and Prometheus -------------------------------------------------------------------------------
 
 
+def test_the_shared_store_overlay_follows_postgresql_instead_of_copying_an_index() -> None:
+    docs = render(SHARED_STORE)
+    pod = one(docs, "Deployment", "grerank")["spec"]["template"]["spec"]
+    server = container(pod, "grerank")
+    assert env_value(server, "GRERANK_STORE_URL") == {"secretKeyRef": {"name": "grerank-store", "key": "url"}}
+    assert env_value(server, "GRERANK_API_KEYS") is not None  # appended to, not replaced
+    assert "initContainers" not in pod  # no index to copy
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert claims == {"grerank-artifacts"}
+    used = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert used == claims
+    egress = one(docs, "NetworkPolicy")["spec"]["egress"]
+    assert {"port": 5432, "protocol": "TCP"} in [p for rule in egress for p in rule.get("ports", [])]
+    assert one(docs, "ConfigMap")["data"] == one(render("overlays/cpu"), "ConfigMap")["data"]
+
+
 def test_compose_runs_the_service_and_prometheus_scrapes_it() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     grerank, prometheus = compose["services"]["grerank"], compose["services"]["prometheus"]
@@ -377,6 +394,16 @@ def test_compose_runs_the_service_and_prometheus_scrapes_it() -> None:
     job = next(j for j in prometheus_config["scrape_configs"] if j["job_name"] == "grerank")
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"grerank:{PORT}"]
+
+    class ComposeLoader(yaml.SafeLoader):  # compose's own tags (!override, !reset) as plain values
+        pass
+
+    ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node))
+    shared = yaml.load((DOCKER / "compose.postgres.yaml").read_text(), ComposeLoader)["services"]
+    url = shared["grerank"]["environment"]["GRERANK_STORE_URL"]
+    assert url.startswith("postgresql://") and "@postgres:5432/" in url
+    assert shared["grerank"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in shared["postgres"]["healthcheck"]["test"]
 
     artifact = yaml.safe_load((DOCKER / "compose.artifact.yaml").read_text())["services"]["grerank"]
     assert artifact["environment"]["GRERANK_ARTIFACT"] == "/artifacts/current"

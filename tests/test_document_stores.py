@@ -67,7 +67,7 @@ def test_reads_return_what_was_written(store: DocumentStore | PostgresStore) -> 
 
 
 def replica(url: str, folder: Path) -> DocumentIndex:
-    return DocumentIndex(folder, DIM, "embedder-a", PostgresStore(url))
+    return DocumentIndex(folder, DIM, "embedder-a", url)
 
 
 def test_a_replica_applies_the_others_writes_in_order(postgres_url: str, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.storage.document_index import DocumentIndex
 from service.storage.index_follower import IndexFollower
-from service.storage.postgres_store import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,9 @@ class Runtime:
                 self.components[following] = "loading"
 
             models = load_models(self.settings, loaded)
-            url = self.settings.store_url
-            store = PostgresStore(url) if url else None
-            index = DocumentIndex(self.settings.index_dir, models.embedder.dim, models.embedder_source, store)
+            index = DocumentIndex(
+                self.settings.index_dir, models.embedder.dim, models.embedder_source, self.settings.store_url
+            )
             pipeline = Pipeline(models, index, self.settings, self.metrics)
             if index.needs_reembedding:
                 index.reembed(pipeline.embed_passages)

@@ -2,7 +2,8 @@
 
     python -m service.storage.build_index [--if-missing] [--limit N]
 
-Writes the SQLite store and the FAISS file to ``GRERANK_INDEX_DIR`` with the configured embedder
+Writes the SQLite store and the FAISS file to ``GRERANK_INDEX_DIR`` (or, with ``GRERANK_STORE_URL``, the
+documents to that PostgreSQL store, which every replica then follows) with the configured embedder
 (``GRERANK_EMBEDDER``), through the same :class:`DocumentIndex` the service writes with. Paragraph ids are
 ``hotpot-<hash of title and text>``, stable across rebuilds; the title is kept in the metadata too.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -22,6 +22,7 @@ from service.engine.models import load_embedder, resolve_bf16, resolve_device
 from service.settings import Settings
 from service.storage.document_index import INDEX_FILE, DocumentIndex
 from service.storage.document_store import NewDocument, content_id
+from service.storage.postgres_store import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,14 @@ def hotpot_documents(passages: Sequence[Passage]) -> list[NewDocument]:
     ]
 
 
-def index_exists(folder: Path) -> bool:
+def index_exists(settings: Settings) -> bool:
+    if settings.store_url:
+        store = PostgresStore(settings.store_url)
+        try:
+            return store.count() > 0
+        finally:
+            store.close()
+    folder = settings.index_dir
     return (folder / INDEX_FILE).is_file() and (folder / "documents.sqlite3").is_file()
 
 
@@ -44,7 +52,7 @@ def build_index(
     device = resolve_device(settings.device)
     bf16 = resolve_bf16(settings.precision, device)
     embedder, source = load_embedder(settings, device)
-    index = DocumentIndex(settings.index_dir, embedder.dim, source)
+    index = DocumentIndex(settings.index_dir, embedder.dim, source, settings.store_url)
     try:
         if index.needs_reembedding:
             index.reembed(lambda ps: embedder.encode([p.as_text() for p in ps], progress=progress, bf16=bf16))
@@ -71,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    if args.if_missing and index_exists(settings.index_dir):
-        print(f"index already present in {settings.index_dir}; nothing to do")
+    if args.if_missing and index_exists(settings):
+        print("the index already has documents; nothing to do")
         return
     passages = qa_data.corpus()[: args.limit]
     torch.set_grad_enabled(False)

@@ -48,10 +48,10 @@ class DocumentIndex:
         folder: str | Path,
         dim: int,
         embedder_id: str,
-        store: DocumentStore | PostgresStore | None = None,
+        store_url: str | None = None,
     ) -> None:
-        """Open (or create) the index in ``folder`` for an embedder of ``dim`` dimensions, over ``store``
-        (default: the SQLite store in ``folder``)."""
+        """Open (or create) the index in ``folder`` for an embedder of ``dim`` dimensions, over the
+        PostgreSQL store at ``store_url``, or by default the SQLite store in ``folder``."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dim = dim
@@ -59,7 +59,7 @@ class DocumentIndex:
         self.index_path = self.folder / INDEX_FILE
         for stale in remove_stale_temporaries(self.index_path):
             log.warning("removed %s, left by a writer that did not finish", stale.name)
-        self.store = store if store is not None else DocumentStore(self.folder / STORE_FILE)
+        self.store = PostgresStore(store_url) if store_url else DocumentStore(self.folder / STORE_FILE)
         self.follows_log = isinstance(self.store, PostgresStore)
         self._lock = threading.RLock()
         recorded = (self.store.get_meta("embedder"), self.store.get_meta("dim"))
