@@ -68,7 +68,7 @@ experiments: models  ## every method and baseline, 2 seeds, on the shipped split
 report: $(STAMP)  ## results/README.md and plots from the results that exist
 	$(PY) -m training.report
 
-bench: models index  ## benchmarks: bench/results/bench.json and bench.md
+bench: models index  ## benchmarks: bench/results/<cpu model>/bench.json and bench.md
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench
 

@@ -1,5 +1,6 @@
-"""Benchmarks, run by ``python -m bench`` (``make bench``), which writes ``bench/results/bench.json`` and
-``bench/results/bench.md`` with the machine, library versions and the exact command.
+"""Benchmarks, run by ``python -m bench`` (``make bench``), which writes ``bench.json`` and ``bench.md`` with
+the machine, library versions and the exact command to ``bench/results/<cpu model>/``: each CPU model this
+project has been measured on keeps its own results.
 
 A benchmark is a module of this package listed in :data:`bench.__main__.BENCHMARKS`, exposing
 

@@ -86,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", action="append", choices=BENCHMARKS, metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of the results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the results (default: bench/results/<this CPU model>, so each machine keeps its own)",
+    )
     args = parser.parse_args(argv)
+    args.out = args.out or Path("bench/results") / environment.machine_slug()
     command = environment.command() if argv is None else shlex.join(["python", "-m", "bench", *argv])
     report: dict[str, Any] = {
         "command": command,

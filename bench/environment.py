@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import sys
 from importlib import metadata
@@ -82,6 +83,13 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return out
+
+
+def machine_slug() -> str:
+    """The CPU model as a folder name ("amd-epyc"), with "-gpu" when a GPU is visible."""
+    info = machine()
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", info["cpu"].lower())).strip("-") or "unknown"
+    return slug + ("-gpu" if info["gpu"] else "")
 
 
 def versions() -> dict[str, str | None]:
