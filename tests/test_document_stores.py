@@ -7,12 +7,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psycopg
 import pytest
 
+from service.engine.runtime import Runtime
 from service.metrics import Metrics
+from service.settings import Settings
 from service.storage.document_index import DocumentIndex
 from service.storage.document_store import DocumentStore, NewDocument
 from service.storage.index_follower import IndexFollower
@@ -131,3 +134,31 @@ def wait_until(condition: object, seconds: float) -> bool:
             return True
         time.sleep(0.02)
     return bool(condition())  # type: ignore[operator]
+
+
+def test_a_new_embedder_re_embeds_through_the_log_for_all(postgres_url: str, tmp_path: Path) -> None:
+    a = replica(postgres_url, tmp_path / "a")
+    a.upsert(documents(3), unit_vectors(3))
+    # A replica with another embedder re-embeds the shared store; the other replica follows the new vectors.
+    changed = DocumentIndex(tmp_path / "b", DIM, "embedder-b", postgres_url)
+    assert changed.needs_reembedding
+    changed.reembed(lambda passages: np.eye(DIM, dtype=np.float32)[: len(passages)])
+    assert changed.search(np.eye(DIM, dtype=np.float32)[2], 1)[0].document.id == "d2"
+    assert a.catch_up() == 3
+    assert a.search(np.eye(DIM, dtype=np.float32)[1], 1)[0].document.id == "d1"
+    assert not DocumentIndex(tmp_path / "c", DIM, "embedder-b", postgres_url).needs_reembedding
+    a.close()
+    changed.close()
+
+
+def test_readiness_follows_the_store(tmp_path: Path) -> None:
+    runtime = Runtime(Settings(index_dir=tmp_path, max_index_lag_s=5))
+    assert runtime.store_problem() is None  # the SQLite store: nothing to follow
+    follower = SimpleNamespace(error=None, lag=0.5)
+    runtime.follower = follower  # type: ignore[assignment]
+    assert runtime.store_problem() is None
+    follower.lag = 7.0
+    assert "7.0 s behind" in runtime.store_problem() and "GRERANK_MAX_INDEX_LAG_S" in runtime.store_problem()
+    follower.error = "the PostgreSQL store is unreachable: connection refused"
+    assert "unreachable" in runtime.store_problem()
+    runtime.worker.shutdown()

@@ -1,10 +1,11 @@
 """Admission control for the routes that need the model worker: by predicted wait, by count, and cheaply.
 
 Model work runs one job at a time (:mod:`service.engine.model_worker`), so every admitted request beyond the
-first waits. A request is admitted only when the time it is predicted to take from now to its answer, from the
-recent service rate and the requests admitted ahead of it, fits ``GRERANK_MAX_WAIT_MS`` (or nothing is ahead
-of it), and fewer than ``GRERANK_MAX_QUEUE`` are admitted (a bound on memory whatever the estimate says).
-Otherwise it gets 429 with a ``Retry-After`` of the predicted time until it would fit.
+first waits. A request is admitted only when its predicted wait (until the model starts on it: from the recent
+service rate and the requests admitted ahead of it, the same for every route so that costly requests are not
+starved by cheap ones) fits ``GRERANK_MAX_WAIT_MS`` (or nothing is ahead of it), and fewer than
+``GRERANK_MAX_QUEUE`` are admitted (a bound on memory whatever the estimate says). Otherwise it gets 429 with
+a ``Retry-After`` of the predicted time until it would fit.
 
 Refusing must cost far less than serving, or a retry storm starves the model: on two cores, a few hundred
 refusals a second take the interpreter lock and a core from the model's threads and cut goodput to a
