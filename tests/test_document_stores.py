@@ -20,6 +20,7 @@ from service.storage.document_index import DocumentIndex
 from service.storage.document_store import DocumentStore, NewDocument
 from service.storage.index_follower import IndexFollower
 from service.storage.postgres_store import PostgresStore
+from tests.postgres_server import PostgresServer
 from tests.test_service_components import DIM, documents, unit_vectors
 
 
@@ -162,3 +163,18 @@ def test_readiness_follows_the_store(tmp_path: Path) -> None:
     follower.error = "the PostgreSQL store is unreachable: connection refused"
     assert "unreachable" in runtime.store_problem()
     runtime.worker.shutdown()
+
+
+def test_an_index_file_of_another_store_is_not_taken(postgres: PostgresServer, tmp_path: Path) -> None:
+    first = replica(postgres.fresh_database("first_" + tmp_path.name[-8:].lower()), tmp_path)
+    first.upsert(documents(3), unit_vectors(3))
+    first.close()  # saves its index file, at sequence 3
+    other_url = postgres.fresh_database("other_" + tmp_path.name[-8:].lower())
+    other = DocumentIndex(tmp_path / "o", DIM, "embedder-a", other_url)
+    other.upsert(documents(4, start=5), unit_vectors(4, 1))  # sequence 4: past the file's 3
+    other.close()
+    reopened = replica(other_url, tmp_path)  # the first store's file, at a sequence the other store has too
+    assert reopened.rebuilt
+    ids = [d.id for d in reopened.store.get_many(list(reopened.vectors.keys())).values()]
+    assert sorted(ids) == ["d5", "d6", "d7", "d8"]
+    reopened.close()

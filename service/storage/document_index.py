@@ -106,9 +106,9 @@ class DocumentIndex:
         the store; then caught up with the log."""
         assert isinstance(self.store, PostgresStore)
         try:
-            vectors, _ = VectorIndex.load(self.index_path)
-            if vectors.dim != self.dim or vectors.generation > self.store.generation():
-                raise VectorIndexError(f"index at sequence {vectors.generation} is not from this store")
+            vectors, header = VectorIndex.load(self.index_path)
+            if header.get("store") != self.store.store_id or vectors.dim != self.dim:
+                raise VectorIndexError("the index file is not one of this store's")
         except VectorIndexError as exc:
             if self.index_path.exists():
                 log.warning("building the vector index from the document store: %s", exc)
@@ -139,8 +139,9 @@ class DocumentIndex:
 
     def save(self) -> None:
         """Write the index file (atomically), as a head start for the next start-up."""
+        store = self.store.store_id if isinstance(self.store, PostgresStore) else None
         with self._lock:
-            self.vectors.save(self.index_path, embedder=self.embedder_id)
+            self.vectors.save(self.index_path, embedder=self.embedder_id, store=store)
 
     def reembed(self, embed: Callable[[list[Passage]], np.ndarray]) -> None:
         """Recompute every stored embedding with the configured embedder and rebuild the index."""

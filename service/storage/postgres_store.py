@@ -62,6 +62,13 @@ class PostgresStore:
         with self._connection() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))  # one replica creates it
             conn.execute(_SCHEMA)
+            # Which database this is, so an index file is never taken for one of another store's.
+            conn.execute(
+                "INSERT INTO meta(name, value) VALUES ('store_id', gen_random_uuid()::text) "
+                "ON CONFLICT (name) DO NOTHING"
+            )
+            row = conn.execute("SELECT value FROM meta WHERE name = 'store_id'").fetchone()
+            self.store_id: str = row[0]  # type: ignore[index]
 
     def close(self) -> None:
         self.pool.close()
