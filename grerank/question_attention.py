@@ -97,12 +97,17 @@ def icr_scores(
     heads: torch.Tensor | None = None,
     calibrate: bool = True,
 ) -> torch.Tensor:
-    """In-context reranking scores ``[n]``: per token, the (calibrated) attention summed over ``heads`` (a
+    """In-context reranking scores ``[n]`` (:func:`icr_aggregate` of the question's attention)."""
+    scores = (calibrated_attention if calibrate else question_attention)(reader, question, doc_states)
+    return icr_aggregate(scores, heads)
+
+
+def icr_aggregate(token_scores: Sequence[torch.Tensor], heads: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n]`` from per-document ``[layers, heads, tokens]`` scores: per token, the sum over ``heads`` (a
     ``[layers, heads]`` boolean selection; default all of them); per document, the tokens scoring below
     mean - 2 std of that document's tokens are dropped and the rest summed."""
-    scores = (calibrated_attention if calibrate else question_attention)(reader, question, doc_states)
     out = []
-    for tokens in scores:
+    for tokens in token_scores:
         selected = tokens if heads is None else tokens[heads.to(tokens.device)]  # [..., tokens]
         per_token = selected.reshape(-1, tokens.shape[-1]).sum(dim=0)
         floor = per_token.mean() - 2 * per_token.std(correction=0)
