@@ -87,7 +87,12 @@ def head_scores(
     """``[layers, heads, n]``: each head's score of each document, its (calibrated) attention summed over
     the document's tokens; what static head selection ranks heads by."""
     scores = (calibrated_attention if calibrate else question_attention)(reader, question, doc_states)
-    return torch.stack([s.sum(dim=-1) for s in scores], dim=-1)
+    return head_sums(scores)
+
+
+def head_sums(token_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[layers, heads, n]`` from per-document ``[layers, heads, tokens]`` scores: summed over tokens."""
+    return torch.stack([s.sum(dim=-1) for s in token_scores], dim=-1)
 
 
 def icr_scores(

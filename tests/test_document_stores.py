@@ -22,6 +22,7 @@ from service.storage.index_follower import IndexFollower
 from service.storage.postgres_store import PostgresStore
 from tests.postgres_server import PostgresServer
 from tests.test_service_components import DIM, documents, unit_vectors
+from tests.test_shared_store import within
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -106,8 +107,12 @@ def test_the_follower_catches_up_by_notification_and_by_polling(postgres_url: st
     try:
         time.sleep(0.3)  # connected and listening
         a.upsert(documents(3), unit_vectors(3))
-        assert wait_until(lambda: len(b) == 3, 0.8)  # notified: well before the next poll
-        assert wait_until(lambda: follower.sequence == a.vectors.generation and follower.lag == 0, 1.0)
+        assert within(0.8, lambda: len(b) == 3) is not None  # notified: well before the next poll
+
+        def caught_up() -> bool:
+            return follower.sequence == a.vectors.generation and follower.lag == 0
+
+        assert within(1.0, caught_up) is not None
         assert follower.error is None
         # A change committed without its notification (a lost one) is found by the next poll.
         with psycopg.connect(postgres_url, autocommit=True) as conn:
@@ -119,22 +124,13 @@ def test_the_follower_catches_up_by_notification_and_by_polling(postgres_url: st
             conn.execute(
                 "INSERT INTO changes(seq, key, op) SELECT max(seq) + 1, %s, 'u' FROM changes", (key,)
             )
-        assert wait_until(lambda: len(b) == 4, 4.0)
+        assert within(4.0, lambda: len(b) == 4) is not None
         assert b.search(unit_vectors(1, 5)[0], 1)[0].document.id == "quiet"
-        assert wait_until(lambda: metrics.index_sequence._value.get() == follower.sequence, 2.0)
+        assert within(2.0, lambda: metrics.index_sequence._value.get() == follower.sequence) is not None
     finally:
         follower.stop()
         a.close()
         b.close()
-
-
-def wait_until(condition: object, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return bool(condition())  # type: ignore[operator]
 
 
 def test_a_new_embedder_re_embeds_through_the_log_for_all(postgres_url: str, tmp_path: Path) -> None:

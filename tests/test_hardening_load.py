@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.load_generator import LoadResult, run_load
+from bench.load_generator import LoadResult, Policy, run_load
+from bench.overload import rss_mb
 from tests.uvicorn_server import Server, tiny_env
 
 MAX_WAIT_MS = 150  # a deadline the tiny models overrun under a dozen clients
@@ -70,13 +71,6 @@ def mixed_request(rng: random.Random) -> tuple[str, dict[str, Any]]:
     return "/answer", {"query": f"where does the river run? {rng.random()}", "candidates": 8}
 
 
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) / 1024
-
-
 def metric_sum(server: Server, name: str, labels: str = "") -> float:
     """The sum of the samples of ``name`` whose labels include ``labels`` (as in 'stage="rerank"')."""
     text = httpx.get(server.url + "/metrics").text
@@ -84,12 +78,12 @@ def metric_sum(server: Server, name: str, labels: str = "") -> float:
     return sum(float(m.group(2)) for m in samples if labels in (m.group(1) or ""))
 
 
-def load_round(server: Server, clients: int, policy: str) -> LoadResult:
+def load_round(server: Server, clients: int, policy: Policy) -> LoadResult:
     return run_load(
         server.url,
         mixed_request,
         clients=clients,
-        policy=policy,  # type: ignore[arg-type]
+        policy=policy,
         seconds=ROUND_SECONDS,
         max_requests_per_client=MAX_REQUESTS_PER_CLIENT,
     )

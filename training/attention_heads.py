@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.qa_data import Example
-from grerank.question_attention import NULL_QUESTION, icr_aggregate, question_attention
+from grerank.question_attention import NULL_QUESTION, head_sums, icr_aggregate, question_attention
 from grerank.reader_artifact import load_configured_reader
 from grerank.runtime import resolve_device, resolve_dtype
 from training.metrics import ranking_metrics
@@ -60,7 +60,7 @@ def head_recall(examples: list[Example], cache: DocStateCache) -> torch.Tensor:
     total = None
     for example in tqdm(examples, desc="train: score heads", unit="q"):
         asked, null = attention_of(cache, example)
-        per_head = torch.stack([(a - b).sum(dim=-1) for a, b in zip(asked, null, strict=True)], dim=-1)
+        per_head = head_sums([a - b for a, b in zip(asked, null, strict=True)])
         order = per_head.argsort(dim=-1, descending=True)[..., :2]  # [layers, heads, 2]
         gold = torch.as_tensor(example.supporting)
         hits = gold[order].float().sum(dim=-1) / max(int(gold.sum()), 1)
@@ -95,11 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
         scores["ICR all heads, no calibration"].append(icr_aggregate(asked).tolist())
         for name, heads in sets.items():
             scores[name].append(icr_aggregate(calibrated, heads).tolist())
-    layers, heads = recall.shape
+    heads = recall.shape[1]
     best = [
         (int(i) // heads, int(i) % heads, round(100 * float(recall.flatten()[i]), 1)) for i in ranked[:16]
     ]
-    del layers
     result = {
         "command": "python -m training.attention_heads " + shlex.join(sys.argv[1:] if argv is None else argv),
         "reader_artifact": args.reader_artifact,

@@ -139,7 +139,7 @@ class DocumentIndex:
 
     def save(self) -> None:
         """Write the index file (atomically), as a head start for the next start-up."""
-        store = self.store.store_id if isinstance(self.store, PostgresStore) else None
+        store = self.store.store_id if self.follows_log else None  # type: ignore[union-attr]
         with self._lock:
             self.vectors.save(self.index_path, embedder=self.embedder_id, store=store)
 
