@@ -20,12 +20,20 @@ from grerank.decoder_reader import DecoderReader
 from grerank.masked_attention import causal_block, document_log_mask, key_bias
 
 
-@torch.no_grad()
 def question_attention(
     reader: DecoderReader, question: str, doc_states: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Per document, ``[layers, heads, tokens]`` fp32: the attention weight each of its tokens gets from
     the question's tokens (its whole prompt, instruction to end), averaged over those tokens."""
+    return question_pass(reader, question, doc_states)[0]
+
+
+@torch.no_grad()
+def question_pass(
+    reader: DecoderReader, question: str, doc_states: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`question_attention`, and ``[layers, hidden]`` fp32: each attention layer's (normalised)
+    input averaged over the question's tokens, the query representation a head router reads; one pass."""
     n = len(doc_states)
     mask = torch.ones(1, n, device=reader.device)
     past, key_index, starts = reader._layout([doc_states], mask)
@@ -62,7 +70,8 @@ def question_attention(
         weights = torch.softmax(logits, dim=-1)[..., :documents]  # [1, heads, T, K]
         per_layer.append(weights.mean(dim=2)[0])  # averaged over the question's tokens: [heads, K]
     stacked = torch.stack(per_layer)  # [layers, heads, K]
-    return [stacked[..., key_index[0] == i] for i in range(n)]
+    pooled = torch.stack([hidden[0].float().mean(dim=0) for hidden, _ in captured])
+    return [stacked[..., key_index[0] == i] for i in range(n)], pooled
 
 
 NULL_QUESTION = "N/A"  # ICR's calibration question: what the prompt alone draws to each token
@@ -107,14 +116,17 @@ def icr_scores(
     return icr_aggregate(scores, heads)
 
 
-def icr_aggregate(token_scores: Sequence[torch.Tensor], heads: torch.Tensor | None = None) -> torch.Tensor:
+def icr_aggregate(
+    token_scores: Sequence[torch.Tensor], heads: torch.Tensor | None = None, token_filter: bool = True
+) -> torch.Tensor:
     """``[n]`` from per-document ``[layers, heads, tokens]`` scores: per token, the sum over ``heads`` (a
     ``[layers, heads]`` boolean selection; default all of them); per document, the tokens scoring below
-    mean - 2 std of that document's tokens are dropped and the rest summed."""
+    mean - 2 std of that document's tokens are dropped (unless not ``token_filter``) and the rest summed."""
     out = []
     for tokens in token_scores:
         selected = tokens if heads is None else tokens[heads.to(tokens.device)]  # [..., tokens]
         per_token = selected.reshape(-1, tokens.shape[-1]).sum(dim=0)
-        floor = per_token.mean() - 2 * per_token.std(correction=0)
-        out.append(per_token[per_token >= floor].sum())
+        if token_filter:
+            per_token = per_token[per_token >= per_token.mean() - 2 * per_token.std(correction=0)]
+        out.append(per_token.sum())
     return torch.stack(out)

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         "another GRERANK_READER is served untrained), a reader artifact folder, or 'none'. Refused (never "
         "ready) if its checksums or its base model's weights do not match.",
     )
+    attention_reranker: str = Field(
+        "none",
+        description="Rank documents (/rerank and /answer) by the reader's own attention heads instead of the "
+        "reranker: 'shipped' (the head router in models/router), a router artifact folder, or 'none'. "
+        "Refused (never ready) if the router was searched on another reader than the one served.",
+    )
     model_name: str = Field("grerank", description="Model name reported in rerank responses.")
 
     # ---- hardware ----
@@ -72,6 +78,12 @@ class Settings(BaseSettings):
 
     # ---- request limits and defaults ----
     max_documents: int = Field(1000, ge=1, description="Documents per /rerank request.")
+    max_attention_documents: int = Field(
+        100,
+        ge=1,
+        description="Documents per ranking by the reader's attention (GRERANK_ATTENTION_RERANKER): all "
+        "are read in one reader pass, about 3.5 MB of states each.",
+    )
     max_document_chars: int = Field(20_000, ge=1, description="Characters per document.")
     max_query_chars: int = Field(2_000, ge=1, description="Characters per query.")
     max_upsert_documents: int = Field(1000, ge=1, description="Documents per POST /documents request.")
@@ -181,6 +193,11 @@ class Settings(BaseSettings):
         if value is None:
             return "none"
         return "shipped" if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("attention_reranker", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return "none" if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

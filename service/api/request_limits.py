@@ -34,9 +34,17 @@ def check_texts(texts: Sequence[str], settings: Settings, limit: int, limit_name
             )
 
 
-def check_rerank(request: RerankRequest, settings: Settings) -> None:
+def document_limit(settings: Settings, by_attention: bool) -> tuple[int, str]:
+    """Documents one ranking may read, and the setting that says so: ranking by the reader's attention
+    reads every document in one reader pass, so it has a limit of its own."""
+    if by_attention and settings.max_attention_documents < settings.max_documents:
+        return settings.max_attention_documents, "GRERANK_MAX_ATTENTION_DOCUMENTS"
+    return settings.max_documents, "GRERANK_MAX_DOCUMENTS"
+
+
+def check_rerank(request: RerankRequest, settings: Settings, by_attention: bool = False) -> None:
     check_query(request.query, settings)
-    check_texts(request.texts(), settings, settings.max_documents, "GRERANK_MAX_DOCUMENTS")
+    check_texts(request.texts(), settings, *document_limit(settings, by_attention))
 
 
 def check_retrieve(request: RetrieveRequest, settings: Settings) -> int:
@@ -50,13 +58,18 @@ def check_retrieve(request: RetrieveRequest, settings: Settings) -> int:
     return k
 
 
-def check_answer(request: AnswerRequest, settings: Settings, default_top_k: int) -> tuple[int, int]:
+def check_answer(
+    request: AnswerRequest, settings: Settings, default_top_k: int, by_attention: bool = False
+) -> tuple[int, int]:
     """Validates and returns (top_k, candidates)."""
     check_query(request.query, settings)
-    limit = min(settings.max_candidates, settings.max_documents)
+    documents, name_of_limit = document_limit(settings, by_attention)
+    limit = min(settings.max_candidates, documents)
+    if limit == settings.max_candidates:
+        name_of_limit = "GRERANK_MAX_CANDIDATES"
     for name in ("candidates", "top_k"):
         if (value := getattr(request, name)) is not None and value > limit:
-            raise RequestRejected(f"{name} is {value}; the limit is {limit} (GRERANK_MAX_CANDIDATES)")
+            raise RequestRejected(f"{name} is {value}; the limit is {limit} ({name_of_limit})")
     # Without an explicit candidates, a top_k above the default retrieves top_k candidates.
     candidates = request.candidates or min(max(settings.default_candidates, request.top_k or 0), limit)
     # The reader cannot see more documents than were retrieved; it sees them all.

@@ -3,8 +3,10 @@
 By default the service serves the trained models shipped in ``models/``: the G-Rerank reranker artifact and
 the reader adapter it was trained through. ``GRERANK_ARTIFACT`` / ``GRERANK_READER_ARTIFACT`` point at other
 artifacts, or ``none`` serves ``GRERANK_RERANKER`` / ``GRERANK_READER`` untrained (``default``: the
-untrained MiniLM bi-encoder, G-Rerank's starting point, and the off-the-shelf SmolLM2). Checksums are
-verified; any failure propagates, so the service never becomes ready on a bad artifact.
+untrained MiniLM bi-encoder, G-Rerank's starting point, and the off-the-shelf SmolLM2). With
+``GRERANK_ATTENTION_RERANKER`` set, documents are ranked by the reader's own attention heads instead, chosen
+by a head-router artifact searched on that very reader. Checksums are verified; any failure propagates, so
+the service never becomes ready on a bad artifact.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from grerank import model_paths
 from grerank.artifact import SHIPPED as SHIPPED_RERANKER
 from grerank.artifact import load_artifact
 from grerank.decoder_reader import DecoderReader
+from grerank.head_router import HeadRouter
 from grerank.reader_artifact import load_configured_reader
 from grerank.reranker import CONFIG_FILE, Reranker, build_reranker
+from grerank.router_artifact import SHIPPED as SHIPPED_ROUTER
+from grerank.router_artifact import load_router_artifact
 from grerank.runtime import resolve_device, resolve_dtype
 from grerank.sentence_encoder import SentenceEncoder
 from service.settings import Settings
@@ -64,15 +69,26 @@ class Models:
     reranker_info: ModelInfo
     reader: DecoderReader
     reader_info: ModelInfo
+    router: HeadRouter | None = None  # set: rank by the reader's attention heads, not by the reranker
+    router_info: ModelInfo | None = None
+
+    @property
+    def ranking_info(self) -> ModelInfo:
+        """What ranks documents: the head router when one is served, else the reranker."""
+        return self.router_info or self.reranker_info
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
             "embedder": {"source": self.embedder_source, "dim": self.embedder.dim},
             "reranker": self.reranker_info.summary(),
             "reader": self.reader_info.summary() | {"family": self.reader.family},
+            "ranking": "attention heads of the reader" if self.router else "reranker",
         }
+        if self.router_info is not None:
+            out["attention_reranker"] = self.router_info.summary()
+        return out
 
 
 def resolve_bf16(setting: str, device: torch.device) -> bool:
@@ -122,6 +138,18 @@ def load_reader(settings: Settings, device: torch.device, bf16: bool) -> tuple[D
     return reader, ModelInfo(TRAINED, source, config, manifest)
 
 
+def load_router(settings: Settings, reader: DecoderReader) -> tuple[HeadRouter | None, ModelInfo | None]:
+    """The head router of ``GRERANK_ATTENTION_RERANKER``, verified against the served reader."""
+    if settings.attention_reranker == "none":
+        return None, None
+    shipped = settings.attention_reranker == "shipped"
+    folder = SHIPPED_ROUTER if shipped else Path(settings.attention_reranker)
+    router, manifest = load_router_artifact(folder, reader)
+    status = "static head set" if router.config.static else "RouteHead router"
+    source = "models/router (shipped)" if shipped else str(folder)
+    return router, ModelInfo(f"{status} ({TRAINED})", source, manifest["router"], manifest)
+
+
 def load_models(settings: Settings, on_loaded: Callable[[str], None] | None = None) -> Models:
     """Load embedder, reranker and reader in turn; ``on_loaded(role)`` reports progress (for /readyz)."""
     device = resolve_device(settings.device)
@@ -133,5 +161,17 @@ def load_models(settings: Settings, on_loaded: Callable[[str], None] | None = No
     reranker, reranker_info = load_reranker(settings, device)
     report("reranker")
     reader, reader_info = load_reader(settings, device, bf16)
+    router, router_info = load_router(settings, reader)
     report("reader")
-    return Models(device, bf16, embedder, embedder_source, reranker, reranker_info, reader, reader_info)
+    return Models(
+        device,
+        bf16,
+        embedder,
+        embedder_source,
+        reranker,
+        reranker_info,
+        reader,
+        reader_info,
+        router,
+        router_info,
+    )

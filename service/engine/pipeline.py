@@ -1,7 +1,8 @@
 """The request paths over the loaded models and the document index.
 
 ``/answer``: embed the query -> FAISS retrieval -> rerank the candidates (those read before come from
-:mod:`service.engine.rerank_cache`) -> deterministic top-k (no noise,
+:mod:`service.engine.rerank_cache`; or, with a head router, rank them by the reader's own attention over
+their cached states, which the reader then reuses) -> deterministic top-k (no noise,
 ties by candidate order: the very ``hard_topk`` training evaluates with) -> the parallel-encoding reader.
 If the reader fails or runs out of time, the answer is None with an ``error``, and the reranked documents
 are still returned: they are most of the value, and were computed.
@@ -23,6 +24,7 @@ import torch
 
 from grerank.doc_state_cache import DocStateCache
 from grerank.gumbel_topk import hard_topk
+from grerank.head_router import attention_scores
 from grerank.passage import Passage
 from grerank.runtime import resolve_dtype
 from service.engine.batching_queue import rerank_inline
@@ -119,6 +121,22 @@ class Pipeline:
                 self.rerank_cache,
             )
 
+    def rank(
+        self, query: str, passages: Sequence[Passage], timings_ms: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """Scores ``[n]`` in input order by what ranks documents: the head router over the reader's attention
+        when one is served (one pass over all of ``passages``, their states cached for the reader), else the
+        reranker."""
+        if self.models.router is None:
+            return self.rerank(query, [p.as_text() for p in passages], timings_ms)
+        with self.metrics.stage("rerank", timings_ms):
+            clock = self._clock("rerank")
+            states = self.reader_cache.states(passages, query, check=clock.check)
+            clock.check()
+            scores = attention_scores(self.models.reader, self.models.router, query, states)
+            clock.check()
+        return scores
+
     @staticmethod
     def order(scores: torch.Tensor, k: int | None = None) -> list[int]:
         """Indices best first, ties by input position."""
@@ -154,7 +172,7 @@ class Pipeline:
     ) -> Answer:
         timings: dict[str, float] = {}
         hits = self.retrieve(query, candidates, metadata_filter, timings)
-        scores = self.rerank(query, [h.document.passage().as_text() for h in hits], timings)
+        scores = self.rank(query, [h.document.passage() for h in hits], timings)
         chosen = self.order(scores, top_k)
         selected = [Selected(hits[i].document, hits[i].score, float(scores[i])) for i in chosen]
         try:

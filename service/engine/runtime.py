@@ -134,6 +134,9 @@ class Runtime:
             out["reranker"] = models.reranker_info.status
             out["reader"] = models.reader_info.status
             out["models"] = {"reranker": models.reranker_info.source, "reader": models.reader_info.source}
+            if models.router_info is not None:  # documents are ranked by the reader's attention heads
+                out["attention_reranker"] = models.router_info.status
+                out["models"]["attention_reranker"] = models.router_info.source
             out["documents_indexed"] = len(self.pipeline.index)
         else:
             out["reason"] = self.not_ready_reason()

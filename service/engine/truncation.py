@@ -31,6 +31,7 @@ class TruncationPolicy:
         self.tokenizer = reranker.tokenizer if self.pair else reranker.encoder.tokenizer
         self.max_tokens = int(reranker.max_length)
         self.max_query_tokens = self.max_tokens // 2 if self.pair else self.max_tokens - _SINGLE_SPECIALS
+        self.reader_tokenizer = getattr(reader, "tokenizer", None)
         self.reader_document_tokens = getattr(reader, "max_document_tokens", None)
         self.reader_question_tokens = getattr(reader, "max_question_tokens", None)
 
@@ -43,16 +44,16 @@ class TruncationPolicy:
             "reader_max_question_tokens": self.reader_question_tokens,
         }
 
-    def _token_count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _token_count(self, text: str, tokenizer: Any = None) -> int:
+        return len((tokenizer or self.tokenizer)(text, add_special_tokens=False)["input_ids"])
 
-    def _over(self, texts: Sequence[str], budget: int) -> list[int]:
+    def _over(self, texts: Sequence[str], budget: int, tokenizer: Any = None) -> list[int]:
         """Indices of the texts longer than ``budget`` tokens."""
         # A token covers at least one character, so only texts of more than ``budget`` characters can be.
         long = [i for i, t in enumerate(texts) if len(t) > budget]
         if not long:
             return []
-        ids = self.tokenizer([texts[i] for i in long], add_special_tokens=False)["input_ids"]
+        ids = (tokenizer or self.tokenizer)([texts[i] for i in long], add_special_tokens=False)["input_ids"]
         return [i for i, tokens in zip(long, ids, strict=True) if len(tokens) > budget]
 
     def fit_query(self, query: str) -> str:
@@ -76,4 +77,12 @@ class TruncationPolicy:
             "max_tokens": self.max_tokens,
             "query_truncated": query_tokens > self.max_query_tokens,
             "truncated_documents": self._over(texts, budget),
+        }
+
+    def reader_report(self, query: str, texts: Sequence[str]) -> dict[str, Any]:
+        """``meta.truncation`` when the reader's attention ranks: what the reader did not read."""
+        return {
+            "max_tokens": self.reader_document_tokens,
+            "query_truncated": self._token_count(query, self.reader_tokenizer) > self.reader_question_tokens,
+            "truncated_documents": self._over(texts, self.reader_document_tokens, self.reader_tokenizer),
         }

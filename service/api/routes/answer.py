@@ -76,7 +76,9 @@ async def answer(
 
     If the reader fails or exceeds its time limit, the response is still 200: `answer` is null, `error`
     says why, and `citations` are the reranked documents."""
-    top_k, candidates = check_answer(request, settings, pipeline.default_top_k)
+    top_k, candidates = check_answer(
+        request, settings, pipeline.default_top_k, pipeline.models.router is not None
+    )
     args = (request.query, top_k, candidates, request.filter)
     if not request.stream:
         return answer_response(await runtime.worker.run(pipeline.answer, *args))

@@ -7,9 +7,11 @@ import uuid
 
 from fastapi import APIRouter, Depends
 
+from grerank.passage import Passage
 from service.api.dependencies import (
     API_ERRORS,
     MODEL_ERRORS,
+    AppRuntime,
     AppSettings,
     ReadyPipeline,
     RerankQueue,
@@ -27,12 +29,22 @@ def sigmoid(x: float) -> float:
 
 
 async def rerank(
-    request: RerankRequest, pipeline: ReadyPipeline, queue: RerankQueue, settings: AppSettings
+    request: RerankRequest,
+    pipeline: ReadyPipeline,
+    queue: RerankQueue,
+    runtime: AppRuntime,
+    settings: AppSettings,
 ) -> RerankResponse:
-    check_rerank(request, settings)
+    by_attention = pipeline.models.router is not None
+    check_rerank(request, settings, by_attention)
     texts = request.texts()
     timings: dict[str, float] = {}
-    scores, truncation = await queue.rerank(request.query, texts, timings)
+    if by_attention:  # one reader pass over every document: a worker job of its own, not a batched one
+        passages = [Passage("", text) for text in texts]
+        scores = await runtime.worker.run(pipeline.rank, request.query, passages, timings)
+        truncation = pipeline.truncation.reader_report(request.query, texts)
+    else:
+        scores, truncation = await queue.rerank(request.query, texts, timings)
     results = []
     for i in pipeline.order(scores, request.top_n):
         raw = float(scores[i])
@@ -49,7 +61,7 @@ async def rerank(
         "api_version": {"version": "2"},
         "billed_units": {"search_units": 1},
         "model": settings.model_name,
-        "reranker": pipeline.models.reranker_info.status,
+        "reranker": pipeline.models.ranking_info.status,
         "timings_ms": timings,
         "truncation": truncation,
     }
