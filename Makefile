@@ -12,7 +12,7 @@ export GRERANK_INDEX_DIR   ?= $(CURDIR)/var/index
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup models index serve test lint train-reader train eval eval-service experiments report bench bench-infinity clean help
+.PHONY: setup models index serve test lint train-reader train train-router eval eval-service experiments report bench bench-infinity clean help
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -54,6 +54,12 @@ train-reader: models  ## train the reader adapter on train + extra train questio
 RERANKER_ARGS := --lora-rank 16 --lr 2e-4 --epochs 1
 train: models  ## G-Rerank through the shipped reader on the shipped train split; writes models/reranker
 	$(PY) -m training.train $(RERANKER_ARGS) --out runs/grerank --artifact models/reranker
+
+# Head routing over the shipped reader: per-question attention features (about 2.5 s a question, once), then
+# the head-set search and router fit (a minute). Writes models/router and results/attention/router.json.
+ROUTER_ARGS := --train train extra --limit 300 --seeds 0 1
+train-router: models  ## RouteHead router over the shipped reader's attention heads; writes models/router
+	$(PY) -m training.train_router $(ROUTER_ARGS) --artifact models/router --out results/attention/router.json
 
 eval: models  ## ranking metrics and reader EM/F1 (oracle, all ten, top 2/5) on dev for the shipped models
 	$(PY) -m training.evaluate --reranker models/reranker --name shipped --read oracle all \

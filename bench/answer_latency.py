@@ -39,6 +39,7 @@ from bench.local_service import serving
 from grerank import qa_data
 from grerank.decoder_reader import DecoderReader
 from grerank.passage import Passage
+from grerank.router_artifact import SHIPPED as ROUTER
 from service.engine.models import load_reader, resolve_bf16
 from service.settings import Settings
 from service.storage.document_index import STORE_FILE
@@ -80,13 +81,26 @@ def ask(client: httpx.Client, question: str) -> dict[str, Any]:
     raise RuntimeError("/answer stream ended without a done event")
 
 
+def rerank_retrieved(client: httpx.Client, question: str) -> float:
+    """Seconds of one ``/rerank`` of the question's ``CANDIDATES`` retrieved documents."""
+    hits = client.post("/retrieve", json={"query": question, "top_k": CANDIDATES}).raise_for_status()
+    documents = [
+        h["text"] if not h["title"] else f"{h['title']}: {h['text']}" for h in hits.json()["results"]
+    ]
+    start = time.perf_counter()
+    client.post("/rerank", json={"query": question, "documents": documents}).raise_for_status()
+    return time.perf_counter() - start
+
+
 def http_runs(url: str, questions: list[str], passes: int, warm_first: bool) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=600) as client:
         ask(client, "warm-up question about nothing in particular")
         if warm_first:
             for question in questions:
                 ask(client, question)
+                rerank_retrieved(client, question)
         runs = [[ask(client, q) for q in questions] for _ in range(passes)]
+        rerank_s = [rerank_retrieved(client, q) for _ in range(passes) for q in questions]
     flat = [r for run in runs for r in run]
     stages = ("embed", "retrieve", "rerank")
     pre_read = [sum(r["response"]["timings_ms"].get(s, 0.0) for s in stages) for r in flat]
@@ -94,6 +108,8 @@ def http_runs(url: str, questions: list[str], passes: int, warm_first: bool) -> 
         "ttft_ms": 1000 * statistics.median(r["ttft"] for r in flat),
         "total_ms": 1000 * statistics.median(r["total"] for r in flat),
         "retrieve_rerank_ms": statistics.median(pre_read),
+        "rerank_stage_ms": statistics.median(r["response"]["timings_ms"].get("rerank", 0.0) for r in flat),
+        "rerank_request_ms": 1000 * statistics.median(rerank_s),
         "requests": len(flat),
         "citations": [r["response"]["citations"] for r in runs[0]],
     }
@@ -195,6 +211,10 @@ def run(quick: bool) -> dict[str, Any]:
             warm = http_runs(url, questions, passes, warm_first=True)
         with service(Path(tmp), GRERANK_READER_CACHE_MB="0", GRERANK_RERANK_CACHE_MB="0") as url:
             cold = http_runs(url, questions, passes, warm_first=False)
+        attention = None
+        if (ROUTER / "manifest.json").is_file():  # ranking by the reader's heads (RouteHead), states cached
+            with service(Path(tmp), GRERANK_ATTENTION_RERANKER="shipped") as url:
+                attention = http_runs(url, questions, passes, warm_first=True)
     torch.set_num_threads(os.cpu_count() or 1)
     settings = Settings()
     device = torch.device("cpu")
@@ -208,8 +228,9 @@ def run(quick: bool) -> dict[str, Any]:
     ]
     alone = reader_alone(reader, untrained, cases, passes)
     baseline_ttft = warm["retrieve_rerank_ms"] + alone["baseline"]["ttft_ms"]
-    for result in (warm, cold):
-        result.pop("citations")
+    for result in (warm, cold, attention):
+        if result is not None:
+            result.pop("citations")
     return {
         "workload": {
             "questions": count,
@@ -219,7 +240,7 @@ def run(quick: bool) -> dict[str, Any]:
             "max_new_tokens": MAX_NEW_TOKENS,
             "dtype": str(reader.dtype).removeprefix("torch."),
         },
-        "http": {"cached_states": warm, "states_per_query": cold},
+        "http": {"cached_states": warm, "states_per_query": cold, "attention_reranker_cached": attention},
         "reader_alone": alone,
         "summary": {
             "baseline_end_to_end_ttft_ms": baseline_ttft,
@@ -247,6 +268,16 @@ def markdown(result: dict[str, Any]) -> str:
             "|---|---|---|",
             row("/answer, document states and reranker embeddings cached", http["cached_states"]),
             row("/answer, both computed per query", http["states_per_query"]),
+            *(
+                [
+                    row(
+                        "/answer ranked by the reader's heads (RouteHead), states cached",
+                        http["attention_reranker_cached"],
+                    )
+                ]
+                if http.get("attention_reranker_cached")
+                else []
+            ),
             f"| baseline: same retrieval + rerank ({http['cached_states']['retrieve_rerank_ms']:.0f} ms), "
             f"HF `generate` on the concatenated prompt | {s['baseline_end_to_end_ttft_ms']:.0f} | |",
             "",
@@ -257,8 +288,27 @@ def markdown(result: dict[str, Any]) -> str:
             row("parallel document encoding on the spot", alone["encoded"]),
             row("baseline: HF `generate`, concatenated prompt", alone["baseline"]),
             "",
+            *rerank_lines(http),
+            "",
             f"Time to first token, baseline / cached: **{s['ttft_speedup_end_to_end']:.1f}x** end to end, "
             f"**{s['ttft_speedup_reader_alone']:.1f}x** for the reader alone. The trained reader's time to "
             f"first token is {s['ttft_trained_over_untrained_reader']:.2f}x the untrained reader's.",
         ]
     )
+
+
+def rerank_lines(http: dict[str, Any]) -> list[str]:
+    """Ranking alone: the rerank stage inside /answer and a /rerank request of the same candidates."""
+    rows = [("MiniLM reranker (shipped G-Rerank), embeddings cached", http["cached_states"])]
+    if http.get("attention_reranker_cached"):
+        rows.append(("reader's heads (RouteHead), document states cached", http["attention_reranker_cached"]))
+    lines = [
+        "",
+        f"| ranking {CANDIDATES} candidates | /answer's rerank stage (ms) | /rerank request (ms) | pairs/s |",
+        "|---|---|---|---|",
+    ]
+    for name, figures in rows:
+        if "rerank_request_ms" in figures:
+            stage, request = figures["rerank_stage_ms"], figures["rerank_request_ms"]
+            lines.append(f"| {name} | {stage:.0f} | {request:.0f} | {CANDIDATES / (request / 1000):.0f} |")
+    return lines

@@ -20,7 +20,7 @@ from grerank.question_attention import calibrated_attention, icr_aggregate
 from grerank.router_artifact import load_router_artifact, write_router_artifact
 from tests.test_reader_training import other_base, perturbed_lora
 from tests.uvicorn_server import Server, tiny_env
-from training.train_router import fit, search_heads, set_quality
+from training.train_router import fit_sets, search_heads, set_quality
 
 PASSAGES = [
     Passage("", "The alpha river flows north to the cold sea."),
@@ -104,7 +104,7 @@ def test_the_router_learns_per_query_heads_and_sparsity_prunes_them() -> None:
     counts = []
     for sparsity in (0.0, 0.5, 2.0):
         args.sparsity = sparsity
-        chosen = fit(pooled, targets, config, args, seed=0).select(pooled)
+        chosen = fit_sets(pooled, targets, config, args, seed=0).select(pooled)
         assert not bool((chosen & ~allowed).any())  # routed per query: only heads of the query's kind
         counts.append(int(chosen.sum()))
     per_query = [c / len(pooled) for c in counts]

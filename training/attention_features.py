@@ -25,9 +25,11 @@ from tqdm import tqdm
 
 from grerank.decoder_reader import DecoderReader
 from grerank.doc_state_cache import DocStateCache
+from grerank.head_router import HeadRouter, aggregate, select
 from grerank.qa_data import Example
 from grerank.question_attention import NULL_QUESTION, head_sums, question_pass
 from grerank.reader_artifact import load_configured_reader
+from grerank.router_artifact import load_router_artifact
 from grerank.runtime import resolve_device, resolve_dtype
 from training.reader_signals import one_example
 from training.train import load_split
@@ -105,6 +107,26 @@ def features_for(
         if (i + 1) % SAVE_EVERY == 0 or i + 1 == len(todo):
             _save(rows, path)
     return [rows[example_key(ex)] for ex in examples]
+
+
+def routed_scores(
+    router: HeadRouter, features: list[Features], top_m: int | None = None
+) -> list[list[float]]:
+    """Each question's candidate scores from the heads ``router`` picks (its own ``top_m`` unless given)."""
+    pooled = torch.stack([f.pooled.float() for f in features])
+    with torch.no_grad():
+        heads = select(router(pooled), router.config.top_m if top_m is None else top_m)
+    heads = heads.view(len(features), router.config.layers, router.config.heads)
+    return [aggregate(f.calibrated, h).tolist() for f, h in zip(features, heads, strict=True)]
+
+
+def router_scores(
+    folder: Path, reader: DecoderReader, examples: list[Example], split: str
+) -> list[list[float]]:
+    """``training.evaluate``'s scores for a router artifact, from (and into) the features of ``split``."""
+    router, _ = load_router_artifact(folder, reader)
+    path = reader_folder(reader, DEFAULT_DIR) / f"{split}.pt"
+    return routed_scores(router, features_for(examples, DocStateCache(reader, 1 << 30), path, False, split))
 
 
 def open_reader(artifact: str) -> DecoderReader:

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grerank import model_paths
-from grerank.artifact import load_artifact, sha256_file
+from grerank.artifact import load_artifact, read_manifest, sha256_file
 from grerank.doc_state_cache import DEFAULT_DISK_GB, DocStateCache
 from grerank.gumbel_topk import hard_topk
 from grerank.qa_data import Example, split_path
@@ -39,6 +39,7 @@ from grerank.reader_artifact import load_configured_reader
 from grerank.readers import READER_FAMILIES
 from grerank.reranker import Reranker, build_reranker
 from grerank.runtime import PRECISIONS, resolve_device, resolve_dtype
+from training.attention_features import router_scores
 from training.bm25 import BM25
 from training.metrics import exact_match, f1_score, ranking_metrics
 from training.train import load_split, score_all
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--reranker",
         default="zero-shot",
-        help="an artifact folder, a reranker folder, 'zero-shot' (the untrained default MiniLM) or 'bm25'",
+        help="a reranker or head-router artifact folder, a reranker folder, 'zero-shot' (the untrained "
+        "default MiniLM) or 'bm25'",
     )
     p.add_argument("--name", default=None, help="method name in the report (default: from --reranker)")
     p.add_argument("--candidates", dest="n", type=int, default=10, help="candidates per question")
@@ -105,6 +107,14 @@ def load_scorer(spec: str) -> tuple[Reranker | str, dict]:
         path = model_paths.resolve("reranker", "default")
         return build_reranker("bi-encoder", path), {"kind": "zero-shot", "path": str(path)}
     folder = Path(spec)
+    if (folder / "manifest.json").is_file() and json.loads((folder / "manifest.json").read_text()).get(
+        "kind"
+    ) == "router":  # ranks by the reader's attention heads: scored in evaluate(), through the reader
+        return "router", {
+            "kind": "router",
+            "path": str(folder),
+            "manifest": read_manifest(folder, kind="router"),
+        }
     if (folder / "manifest.json").is_file():
         reranker, manifest = load_artifact(folder)
         return reranker, {"kind": "artifact", "path": str(folder), "manifest": manifest}
@@ -212,7 +222,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     if isinstance(scorer, Reranker):
         scorer.to(device)
     started = time.perf_counter()
-    scores = scores_for(scorer, examples, dtype == torch.bfloat16)
+    loaded = None  # (reader, manifest), when ranking needs the reader too
+    if scorer == "router":
+        loaded = load_configured_reader(args.reader_artifact, args.reader, args.reader_family, device, dtype)
+        scores = router_scores(Path(args.reranker), loaded[0], examples, Path(split_path(args.split)).stem)
+    else:
+        scores = scores_for(scorer, examples, dtype == torch.bfloat16)
     result: dict = {
         "name": args.name
         or (described["kind"] if described["kind"] != "artifact" else Path(args.reranker).name),
@@ -226,7 +241,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     predictions: list[dict] = []
     settings = [f"top{k}" for k in args.k] + args.read
     if settings:
-        reader, manifest = load_configured_reader(
+        reader, manifest = loaded or load_configured_reader(
             args.reader_artifact, args.reader, args.reader_family, device, dtype
         )
         result["reader"] = {"base": args.reader, "artifact": args.reader_artifact if manifest else None}

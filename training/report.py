@@ -82,6 +82,7 @@ def markdown(
     plots: list[str],
     checks: Sequence[dict] = (),
     readers: tuple[Sequence[dict], Sequence[dict]] = ((), ()),
+    attention: Sequence[dict] = (),
 ) -> str:
     lines = [
         "# Results on the shipped HotpotQA dev split",
@@ -105,6 +106,7 @@ def markdown(
     lines += verdict(methods)
     lines += sweep_table(sweep, methods)
     lines += gradient_check_table(checks)
+    lines += attention_table(attention, methods)
     lines += ["## Commands", ""]
     for results in [*methods.values(), *sweep.values()]:
         for r in results:
@@ -275,6 +277,47 @@ def reader_table(evaluations: Sequence[dict], services: Sequence[dict]) -> list[
     return [*lines, ""]
 
 
+ATTENTION_METRICS = ("answer_recall@1", "support_recall@2", "support_recall@5", "bridge_recall@5")
+
+
+def attention_table(runs: Sequence[dict], methods: dict[str, list[dict]]) -> list[str]:
+    """Rerankers made of the reader's attention heads (``training.attention_heads`` and
+    ``training.train_router`` write ``attention/*.json``; ``training.evaluate`` of a router artifact adds its
+    answers), beside BM25, zero-shot and G-Rerank from ``dev/``."""
+    rankers = [r for r in runs if "answers" not in r]
+    if not rankers:
+        return []
+    header = ["scorer", "from", "ans R@1", "sup R@2", "sup R@5", "bridge R@5"]
+    lines = [
+        "## Reranking by the reader's own attention heads",
+        "",
+        "ICR, static head sets and RouteHead's routed heads over the served reader's attention (dev, the",
+        "same ranking metrics). 'from': the run's command below.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for i, run in enumerate(rankers, 1):
+        for name, ranking in run["ranking"].items():
+            figures = [
+                f"{ranking['all'][m]['value']:.1f}" if m in ranking["all"] else "–" for m in ATTENTION_METRICS
+            ]
+            lines.append(f"| {name} | [{i}] | " + " | ".join(figures) + " |")
+    for name in ("bm25", "zero-shot", "grerank"):
+        if name in methods:
+            figures = [cell(methods[name], "ranking", m)[0] for m in ATTENTION_METRICS]
+            lines.append(f"| {name} (dev/) | – | " + " | ".join(figures) + " |")
+    lines.append("")
+    readings = [r for r in runs if "answers" in r]
+    for run in readings:
+        for setting, groups in run["answers"].items():
+            em, f1 = groups["all"]["em"]["value"], groups["all"]["f1"]["value"]
+            lines.append(f"- `{run['name']}`, the reader reading its {setting}: EM {em:.1f}, F1 {f1:.1f}")
+    lines += ["", *(f"- [{i}] `{r['command']}`" for i, r in enumerate(rankers, 1))]
+    lines += [f"- `{r['name']}`: `{r['command']}`" for r in readings]
+    return [*lines, ""]
+
+
 def gradient_check_table(checks: Sequence[dict]) -> list[str]:
     """How well each gradient estimator points along the exact gradient of the expected top-k reader NLL."""
     if not checks:
@@ -385,7 +428,8 @@ def main(argv: list[str] | None = None) -> Path:
         [json.loads(f.read_text()) for f in sorted((results / kind).glob("*.json"))]
         for kind in ("reader", "e2e")
     )
-    out.write_text(markdown(methods, sweep, plots, checks, readers))
+    attention = [json.loads(f.read_text()) for f in sorted((results / "attention").glob("*.json"))]
+    out.write_text(markdown(methods, sweep, plots, checks, readers, attention))
     print(f"report written to {out}")
     return out
 
