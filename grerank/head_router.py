@@ -6,8 +6,9 @@ document (grerank.question_attention: the question's attention summed over the d
 "N/A" question's). Summing masses keeps heads on one scale (each is a share of a head's attention), so a
 set's score is linear in its heads; ICR's per-token filter is left out (measured on dev: within a point).
 
-The router reads the question pass's own pooled hidden state at one layer (no extra pass), projects it to a
-small space where every head has a learnt embedding, and gives each head a logit; a head is selected when
+The router reads the question pass's own pooled hidden state at one layer (no extra pass), standardised by
+the train questions' statistics, projects it to a small space where every head has a learnt embedding, and
+gives each head a logit; a head is selected when
 its logit is among the top ``top_m``, or, with ``top_m`` 0, when its probability passes one half (at least
 one head). Trained offline (``training.train_router``) on per-question head sets found by search.
 """
@@ -46,7 +47,11 @@ class HeadRouter(nn.Module):
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
         self.config = config
-        self.norm = nn.LayerNorm(config.hidden)
+        # The train questions' mean and spread of the pooled state: what every question shares would
+        # otherwise dominate the projection and route every question to the same heads.
+        self.register_buffer("center", torch.zeros(config.hidden))
+        self.register_buffer("scale", torch.ones(config.hidden))
+        self.norm = nn.LayerNorm(config.hidden)  # bounds a question far outside the train spread
         self.project = nn.Linear(config.hidden, config.dim)
         self.head_embeddings = nn.Parameter(torch.randn(config.layers * config.heads, config.dim) * 0.02)
         self.bias = nn.Parameter(torch.zeros(config.layers * config.heads))
@@ -55,8 +60,17 @@ class HeadRouter(nn.Module):
         """Head logits ``[B, layers * heads]`` from pooled question states ``[B, layers, hidden]``."""
         if self.config.static:
             return self.bias.expand(pooled.shape[0], -1)
-        query = self.project(self.norm(pooled[:, self.config.query_layer].float()))
+        query = self.project(
+            self.norm((pooled[:, self.config.query_layer].float() - self.center) / self.scale)
+        )
         return query @ self.head_embeddings.T / math.sqrt(self.config.dim) + self.bias
+
+    @torch.no_grad()
+    def standardise(self, pooled: torch.Tensor) -> None:
+        """Take the centre and scale of the query inputs from ``pooled`` ``[N, layers, hidden]``."""
+        inputs = pooled[:, self.config.query_layer].float()
+        self.center.copy_(inputs.mean(dim=0))
+        self.scale.copy_(inputs.std(dim=0) + 1e-3)
 
     @torch.no_grad()
     def select(self, pooled: torch.Tensor) -> torch.Tensor:

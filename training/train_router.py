@@ -160,6 +160,7 @@ def fit_listwise(
     relevance distributions ``targets`` ``[N, n]`` say; pooled states ``[N, layers, hidden]``."""
     torch.manual_seed(seed)
     router = HeadRouter(config)
+    router.standardise(pooled)
     optimizer = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=1e-2)
     with torch.enable_grad():
         for _ in range(args.epochs):
@@ -179,6 +180,7 @@ def fit_sets(
     """A router fitted to head sets ``targets`` ``[N, layers, heads]`` from pooled ``[N, layers, hidden]``."""
     torch.manual_seed(seed)
     router = HeadRouter(config)
+    router.standardise(pooled)
     with torch.no_grad():  # start from how often each head is chosen: the static prior
         rate = targets.flatten(1).float().mean(dim=0).clamp(1e-3, 1 - 1e-3)
         router.bias.copy_(torch.log(rate / (1 - rate)))
