@@ -213,7 +213,11 @@ def run(quick: bool) -> dict[str, Any]:
             cold = http_runs(url, questions, passes, warm_first=False)
         attention = None
         if (ROUTER / "manifest.json").is_file():  # ranking by the reader's heads (RouteHead), states cached
-            with service(Path(tmp), GRERANK_ATTENTION_RERANKER="shipped") as url:
+            # Every candidate's states are kept, not only the top k's: 20 questions x 20 candidates, for
+            # /answer and for /rerank (whose texts carry the title inline), at about 3.5 MB each.
+            with service(
+                Path(tmp), GRERANK_ATTENTION_RERANKER="shipped", GRERANK_READER_CACHE_MB="4096"
+            ) as url:
                 attention = http_runs(url, questions, passes, warm_first=True)
     torch.set_num_threads(os.cpu_count() or 1)
     settings = Settings()

@@ -34,6 +34,30 @@ def test_the_prediction_learns_each_routes_model_time() -> None:
     assert predictor.predicted_seconds("/answer") == pytest.approx(5.0, rel=0.05)
 
 
+def test_a_lone_client_is_never_kept_waiting_by_its_own_slow_requests() -> None:
+    predictor = WaitPredictor(initial=0.5)
+    now = 0.0
+    for _ in range(5):  # each takes 6 s against a prediction of well under that: the correction rises
+        serve(predictor, "/answer", now, now + 6.0)
+        now += 6.0
+    assert predictor.correction["/answer"] > 2
+    assert predictor.predicted_wait("/answer") == 0.0  # nothing ahead of the next one
+    predictor.started("/answer", now)
+    assert predictor.predicted_wait("/answer") > 6.0  # one ahead: its time, corrected
+
+
+def test_a_request_released_by_its_route_is_no_longer_work_ahead() -> None:
+    # A streamed answer: the model is done before the last bytes are sent, and a client that has read the
+    # final event may already be asking again.
+    predictor = WaitPredictor(initial=2.0)
+    predicted = predictor.started("/answer", 0.0)
+    assert predictor.predicted_wait("/answer") == pytest.approx(2.0)
+    predictor.release("/answer")
+    assert predictor.predicted_wait("/answer") == 0.0 and predictor.in_flight == 0
+    predictor.finished("/answer", 2.0, 2.0, predicted, served=True, released=True)
+    assert predictor.in_flight == 0 and predictor.cost["/answer"] == pytest.approx(2.0)
+
+
 def test_a_pass_that_answers_several_requests_at_once_shares_its_time() -> None:
     predictor = WaitPredictor(initial=0.5)
     now = 0.0

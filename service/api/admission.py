@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _MAX_RETRY_AFTER = 60
 _MAX_HELD = 1024  # refusals held at once; beyond that they are answered at once (file descriptors)
 _LOG_EVERY = 10.0  # seconds between log lines about refusals: a storm must not also flood the log
+MODEL_DONE = "grerank.model_done"  # scope key: call it when the request's model work is over
 CLIENT_GONE = 499  # the status nginx logs for a client that closed the connection before the answer
 
 
@@ -63,15 +64,18 @@ class WaitPredictor:
     def in_flight(self) -> int:
         return self.ahead.total()
 
+    def _work_ahead(self) -> float:
+        return sum(n * self.cost.get(r, self.initial) for r, n in self.ahead.items())
+
     def predicted_seconds(self, route: str) -> float:
         """From now to the answer of a request for ``route`` admitted now."""
-        work = sum(n * self.cost.get(r, self.initial) for r, n in self.ahead.items())
-        return (work + self.cost.get(route, self.initial)) * self.correction.get(route, 1.0)
+        return (self._work_ahead() + self.cost.get(route, self.initial)) * self.correction.get(route, 1.0)
 
     def predicted_wait(self, route: str) -> float:
-        """From now until a request for ``route`` admitted now is served: the same for every route, so
-        admission by it does not favour cheap requests over costly ones."""
-        return max(self.predicted_seconds(route) - self.cost.get(route, self.initial), 0.0)
+        """From now until a request for ``route`` admitted now is served: the work ahead of it, corrected,
+        whatever its own cost (so admission does not favour cheap requests over costly ones), and none when
+        nothing is ahead (a lone client is never refused, however slow its requests)."""
+        return self._work_ahead() * self.correction.get(route, 1.0)
 
     def started(self, route: str, now: float) -> float:
         """Counts the request in; returns its predicted time to answer, for :meth:`finished`."""
@@ -81,11 +85,19 @@ class WaitPredictor:
         self.ahead[route] += 1
         return predicted
 
-    def finished(self, route: str, now: float, took: float, predicted: float, served: bool) -> None:
-        """``served``: answered by the model (not a quick error), so it times the route."""
+    def release(self, route: str) -> None:
+        """The model is done with a request of ``route``: it is no longer work ahead of anyone."""
         self.ahead[route] -= 1
         if not self.ahead[route]:
             del self.ahead[route]
+
+    def finished(
+        self, route: str, now: float, took: float, predicted: float, served: bool, released: bool = False
+    ) -> None:
+        """``served``: answered by the model (not a quick error), so it times the route; ``released``:
+        :meth:`release` was called for it already."""
+        if not released:
+            self.release(route)
         if served:
             self.cost[route] = _average(self.cost.get(route, self.initial), now - self._since, 0.05)
             ratio = min(max(took / predicted, 0.25), 10.0)
@@ -160,12 +172,24 @@ class AdmissionMiddleware:
         start = time.perf_counter()
         predicted = self.predictor.started(kind, start)
         self.metrics.admitted_requests.set(self.predictor.in_flight)
+        released = False
+
+        def model_done() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.predictor.release(kind)
+
+        # A streamed answer's model work ends before its response does (and a client that has read the
+        # last event may ask again before the stream is closed): the route calls this when it does.
+        scope[MODEL_DONE] = model_done
         status = 500
         try:
             status = await _serve_until_gone(self.app, scope, receive, send)
         finally:
             now = time.perf_counter()
-            self.predictor.finished(kind, now, now - start, predicted, served=status < 400)
+            self.predictor.finished(kind, now, now - start, predicted, status < 400, released)
+            released = True
             self.metrics.admitted_requests.set(self.predictor.in_flight)
             self.metrics.predicted_wait.set(self.predictor.predicted_wait(kind))
             if status == CLIENT_GONE:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from service.api.admission import MODEL_DONE
 from service.api.dependencies import (
     API_ERRORS,
     MODEL_ERRORS,
@@ -67,7 +68,11 @@ async def retrieve(
     },
 )
 async def answer(
-    request: AnswerRequest, pipeline: ReadyPipeline, runtime: AppRuntime, settings: AppSettings
+    request: AnswerRequest,
+    pipeline: ReadyPipeline,
+    runtime: AppRuntime,
+    settings: AppSettings,
+    http: Request,
 ) -> Any:
     """Retrieve `candidates`, rerank, keep the deterministic top `top_k`, read, answer with citations.
 
@@ -83,7 +88,7 @@ async def answer(
     if not request.stream:
         return answer_response(await runtime.worker.run(pipeline.answer, *args))
     return StreamingResponse(
-        answer_events(runtime, pipeline, args),
+        answer_events(runtime, pipeline, args, http.scope.get(MODEL_DONE)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -114,8 +119,11 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def answer_events(runtime: Runtime, pipeline: Pipeline, args: tuple) -> AsyncIterator[str]:
-    """Token events as the worker generates them, then the full response; stops the worker on disconnect."""
+async def answer_events(
+    runtime: Runtime, pipeline: Pipeline, args: tuple, model_done: Callable[[], None] | None = None
+) -> AsyncIterator[str]:
+    """Token events as the worker generates them, then the full response; stops the worker on disconnect.
+    ``model_done`` is called once the worker has finished with it (admission's count of work ahead)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     stop = threading.Event()
@@ -131,6 +139,8 @@ async def answer_events(runtime: Runtime, pipeline: Pipeline, args: tuple) -> As
     try:
         while (piece := await queue.get()) is not None:
             yield sse("token", {"text": piece})
+        if model_done is not None:
+            model_done()
         try:
             result = future.result()
         except AnswerCancelled:
