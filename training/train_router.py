@@ -316,11 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fit == "sets":
         data.sets = pool_search(train_f, data.gold, ranking, args)
 
+    chosen_by = "" if args.labels == "supporting" else ", chosen by the reader's likelihoods"
     rows: dict[str, list[list[float]]] = {
         "all heads (sum)": [f.calibrated.sum(dim=(0, 1)).tolist() for f in dev_f]
     }
     for m in STATIC_M:
-        rows[f"static top {m}"] = routed_scores(
+        rows[f"static top {m}{chosen_by}"] = routed_scores(
             HeadRouter.fixed(static_set(ranking, m, shape), hidden), dev_f
         )
     layer, top_m, held_out = choose(data, args)
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.static_artifact:
         best_m = max(held_out["static"], key=held_out["static"].get)
         fixed = HeadRouter.fixed(static_set(ranking, best_m, shape), hidden)
-        metrics = ranking_rows[f"static top {best_m}"]["all"]
+        metrics = ranking_rows[f"static top {best_m}{chosen_by}"]["all"]
         write_router_artifact(args.static_artifact, fixed, reader, **sections, dev_metrics=metrics)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
