@@ -171,7 +171,7 @@ def test_a_database_restart_makes_replicas_unready_then_ready_without_their_rest
             assert "unreachable" in reason, reason
         refused = httpx.post(b.url + "/documents", json=[doc(99)], timeout=30)
         assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
-        assert httpx.get(a.url + "/documents/d1").status_code == 503
+        assert httpx.get(a.url + "/documents/d1", timeout=30).status_code == 503  # the pool waits 5 s
     finally:
         postgres.start()
     for server in (a, b):
