@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from grerank.decoder_reader import DecoderReader
 from grerank.doc_state_cache import DocStateCache
 from grerank.head_router import HeadRouter, RouterConfig
 from grerank.qa_data import Example
@@ -224,7 +225,7 @@ def static_set(ranking: torch.Tensor, m: int, shape: torch.Size) -> torch.Tensor
 
 
 def train_and_dev(
-    args: argparse.Namespace, reader
+    args: argparse.Namespace, reader: DecoderReader
 ) -> tuple[list[Example], list[Features], list[Example], list[Features]]:
     """Train questions with their features (computing what is missing), and dev's."""
     cache = DocStateCache(reader, 1 << 30)  # each question's states are used once: memory only
