@@ -126,6 +126,7 @@ def attention_scores(
 ) -> torch.Tensor:
     """Document scores ``[n]`` from the reader's heads the router picks for ``question``: two question passes
     (the question, and "N/A") over the documents' cached states, everything else cheap."""
-    asked, pooled = question_pass(reader, question, doc_states)
-    null, _ = question_pass(reader, NULL_QUESTION, doc_states)
+    layout = reader._layout([doc_states], torch.ones(1, len(doc_states), device=reader.device))
+    asked, pooled = question_pass(reader, question, doc_states, layout)
+    null, _ = question_pass(reader, NULL_QUESTION, doc_states, layout)
     return router.scores(pooled, head_sums(asked) - head_sums(null))

@@ -28,15 +28,20 @@ def question_attention(
     return question_pass(reader, question, doc_states)[0]
 
 
+Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # DecoderReader._layout of one question's documents
+
+
 @torch.no_grad()
 def question_pass(
-    reader: DecoderReader, question: str, doc_states: Sequence[torch.Tensor]
+    reader: DecoderReader, question: str, doc_states: Sequence[torch.Tensor], layout: Layout | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`question_attention`, and ``[layers, hidden]`` fp32: each attention layer's (normalised)
-    input averaged over the question's tokens, the query representation a head router reads; one pass."""
+    input averaged over the question's tokens, the query representation a head router reads; one pass.
+    ``layout``: the documents' concatenated states, when another pass over them already built it (a pass
+    never changes it)."""
     n = len(doc_states)
     mask = torch.ones(1, n, device=reader.device)
-    past, key_index, starts = reader._layout([doc_states], mask)
+    past, key_index, starts = layout or reader._layout([doc_states], mask)
     ids = torch.tensor([reader._question_ids(question)], device=reader.device)
     width = ids.shape[1]
     positions = starts[:, None] + torch.arange(width, device=reader.device)
