@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -153,11 +152,7 @@ def test_the_service_ranks_by_the_routed_heads(
     }
     server = Server(env, tmp_path / "wrong.log").start()
     try:
-        server.wait_until("/healthz", 200)
-        deadline = time.monotonic() + 120
-        while "failed" not in (readyz := httpx.get(server.url + "/readyz")).text:
-            assert time.monotonic() < deadline, readyz.text
-            time.sleep(0.2)
+        readyz = server.wait_failed()
         assert readyz.status_code == 503 and "searched on another reader" in readyz.json()["reason"]
     finally:
         server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -116,11 +115,7 @@ def test_the_service_refuses_a_reader_artifact_that_does_not_match(
         }
         server = Server(env, tmp_path / "server.log").start()
         try:
-            server.wait_until("/healthz", 200)
-            deadline = time.monotonic() + 120
-            while "failed" not in (readyz := httpx.get(server.url + "/readyz")).text:
-                assert time.monotonic() < deadline, readyz.text
-                time.sleep(0.2)
+            readyz = server.wait_failed()
             body = readyz.json()
             assert readyz.status_code == 503 and body["components"]["reader"] == "failed"
             assert reason in body["reason"], body["reason"]

@@ -68,6 +68,15 @@ class Server:
             f"{path} did not answer {status} within {timeout}s (last: {last}):\n{self.log()}"
         )
 
+    def wait_failed(self, timeout: float = 120.0) -> httpx.Response:
+        """Wait until the models have failed to load: the ``/readyz`` answer that says so (bounded)."""
+        self.wait_until("/healthz", 200, timeout)
+        deadline = time.monotonic() + timeout
+        while "failed" not in (readyz := httpx.get(self.url + "/readyz", timeout=5)).text:
+            assert time.monotonic() < deadline, f"{readyz.text}\n{self.log()}"
+            time.sleep(0.2)
+        return readyz
+
     def wait_ready(self, timeout: float = 120.0) -> Server:
         self.wait_until("/readyz", 200, timeout)
         return self
