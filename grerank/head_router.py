@@ -8,9 +8,8 @@ set's score is linear in its heads; ICR's per-token filter is left out (measured
 
 The router reads the question pass's own pooled hidden state at one layer (no extra pass), standardised by
 the train questions' statistics, projects it to a small space where every head has a learnt embedding, and
-gives each head a logit; a head is selected when
-its logit is among the top ``top_m``, or, with ``top_m`` 0, when its probability passes one half (at least
-one head). Trained offline (``training.train_router``) on per-question head sets found by search.
+gives each head a logit; a head is selected when its logit is among the top ``top_m``, or, with ``top_m`` 0,
+when its probability passes one half (at least one head). Trained offline (``training.train_router``).
 """
 
 from __future__ import annotations
@@ -121,12 +120,21 @@ def aggregate(calibrated: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     return calibrated[heads.to(calibrated.device)].sum(dim=0)
 
 
-def attention_scores(
-    reader: DecoderReader, router: HeadRouter, question: str, doc_states: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """Document scores ``[n]`` from the reader's heads the router picks for ``question``: two question passes
-    (the question, and "N/A") over the documents' cached states, everything else cheap."""
+def head_masses(
+    reader: DecoderReader, question: str, doc_states: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each head's attention mass on each document ``[layers, heads, n]`` under ``question`` and under "N/A",
+    and the question's pooled states ``[layers, hidden]``: two question passes over the cached states,
+    sharing their layout. What a router is trained on and what it scores with."""
     layout = reader._layout([doc_states], torch.ones(1, len(doc_states), device=reader.device))
     asked, pooled = question_pass(reader, question, doc_states, layout)
     null, _ = question_pass(reader, NULL_QUESTION, doc_states, layout)
-    return router.scores(pooled, head_sums(asked) - head_sums(null))
+    return head_sums(asked), head_sums(null), pooled
+
+
+def attention_scores(
+    reader: DecoderReader, router: HeadRouter, question: str, doc_states: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Document scores ``[n]`` from the reader's heads the router picks for ``question``."""
+    asked, null, pooled = head_masses(reader, question, doc_states)
+    return router.scores(pooled, asked - null)

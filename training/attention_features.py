@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from grerank.decoder_reader import DecoderReader
 from grerank.doc_state_cache import DocStateCache
-from grerank.head_router import HeadRouter, aggregate, select
+from grerank.head_router import HeadRouter, aggregate, head_masses, select
 from grerank.qa_data import Example
-from grerank.question_attention import NULL_QUESTION, head_sums, question_pass
 from grerank.reader_artifact import load_configured_reader
 from grerank.router_artifact import load_router_artifact
 from grerank.runtime import resolve_device, resolve_dtype
@@ -68,12 +67,11 @@ def reader_folder(reader: DecoderReader, root: Path) -> Path:
 
 @torch.no_grad()
 def compute(reader: DecoderReader, states: list[torch.Tensor], example: Example, loglik: bool) -> Features:
-    asked, pooled = question_pass(reader, example.question, states)
-    null, _ = question_pass(reader, NULL_QUESTION, states)
+    asked, null, pooled = head_masses(reader, example.question, states)
     return Features(
-        asked=head_sums(asked),
-        null=head_sums(null),
-        pooled=pooled.half(),  # what grerank.head_router.attention_scores computes, kept apart
+        asked=asked,
+        null=null,
+        pooled=pooled.half(),
         loglik=torch.tensor(one_example(reader, states, example, "loglik")) if loglik else None,
     )
 
