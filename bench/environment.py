@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from grerank.runtime import cpu_has_bf16
+from grerank.runtime import cpu_bf16_speedup, cpu_has_bf16
 
 LIBRARIES = (
     "torch",
@@ -76,6 +76,8 @@ def machine() -> dict[str, Any]:
         "physical_cores": _physical_cores(cpuinfo),
         "ram_gb": _ram_gb(),
         "bf16": cpu_has_bf16(),
+        # fp32 time / bf16 time of a reranker-shaped GEMM: what "auto" precision decides by (grerank.runtime)
+        "bf16_gemm_speedup": round(cpu_bf16_speedup(), 2),
         "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -458,7 +458,9 @@ def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[
     service = result["service"]
     ours = service[str(best)]["pairs_per_s"]
     model = result["model_alone"]["pairs_per_s"]
-    peak = result["peak"]["bf16"]["median_gflops"]
+    # The peak of the precision the service ran in: where bf16 GEMMs are slower than fp32 it serves fp32.
+    peak_dtype = "bf16" if result["workload"]["dtype"] == "bfloat16" else "fp32"
+    peak = result["peak"][peak_dtype]["median_gflops"]
     eight = service["8"]
     peers = {"fp32": result["sentence_transformers"], **result.get("sentence_transformers_other", {})}
     strongest = max(peers, key=lambda name: peers[name]["bulk_pairs_per_s"])
@@ -474,8 +476,9 @@ def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[
         "gflop_per_pair": flops_per_pair / 1e9,
         "service_gflops": ours * flops_per_pair / 1e9,
         "model_gflops": model * flops_per_pair / 1e9,
-        "service_fraction_of_bf16_peak": ours * flops_per_pair / 1e9 / peak,
-        "model_fraction_of_bf16_peak": model * flops_per_pair / 1e9 / peak,
+        "peak_dtype": peak_dtype,
+        "service_fraction_of_peak": ours * flops_per_pair / 1e9 / peak,
+        "model_fraction_of_peak": model * flops_per_pair / 1e9 / peak,
         # (time per pair over HTTP at 8 clients) / (time per pair of the model alone) - 1
         "overhead_at_8_clients": model / eight["pairs_per_s"] - 1,
         # time the model was not in a forward pass, relative to the time it was, at 8 clients
@@ -493,6 +496,10 @@ def _latency_row(system: str, clients: object, run: dict[str, float]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     w, s, peak = result["workload"], result["summary"], result["peak"]
+    # Results written before the service chose its precision by measurement name the bf16 peak.
+    peak_dtype = s.get("peak_dtype", "bf16")
+    service_fraction = s.get("service_fraction_of_peak", s.get("service_fraction_of_bf16_peak"))
+    model_fraction = s.get("model_fraction_of_peak", s.get("model_fraction_of_bf16_peak"))
     st, infinity = result["sentence_transformers"], result["infinity"]
     lines = [
         f"Requests of 1 query + {w['documents_per_request']} HotpotQA passages of {w['document_tokens']} "
@@ -553,13 +560,13 @@ def markdown(result: dict[str, Any]) -> str:
         _row("model FLOPs per pair (analytic, real tokens)", f"{s['gflop_per_pair']:.2f} GFLOP", ""),
         _row(
             f"achieved by the service at {s['best_concurrency']} clients",
-            f"{s['service_gflops']:.0f} GFLOP/s, {s['service_fraction_of_bf16_peak']:.0%} of bf16 peak",
+            f"{s['service_gflops']:.0f} GFLOP/s, {service_fraction:.0%} of {peak_dtype} peak",
             ">= 40%",
         ),
         _row(
             "achieved by the model alone",
-            f"{s['model_gflops']:.0f} GFLOP/s, {s['model_fraction_of_bf16_peak']:.0%} of bf16 peak",
-            "",
+            f"{s['model_gflops']:.0f} GFLOP/s, {model_fraction:.0%} of {peak_dtype} peak",
+            ">= 50%",
         ),
         _row("service overhead at 8 clients (vs model alone)", f"{s['overhead_at_8_clients']:.0%}", "<= 10%"),
         _row("model idle / busy at 8 clients (server side)", f"{s['idle_over_busy_at_8_clients']:.0%}", ""),
