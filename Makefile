@@ -12,7 +12,7 @@ export GRERANK_INDEX_DIR   ?= $(CURDIR)/var/index
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup models index serve test lint train-reader train train-router eval eval-service experiments report bench bench-infinity clean help
+.PHONY: setup models index serve test lint train-reader train train-router eval eval-service experiments report bench bench-infinity gpu-wheels clean help
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -82,6 +82,20 @@ bench-infinity:  ## a separate venv with infinity-emb, the peer server `make ben
 	test -x .venv-infinity/bin/python || $(PYTHON) -m venv .venv-infinity
 	.venv-infinity/bin/pip install -q torch==2.13.0
 	.venv-infinity/bin/pip install -q 'infinity-emb[server,torch]'
+
+# What bench/gpu_check.sh needs beyond the GPU image's own packages (torch, transformers, sentence-transformers,
+# peft, httpx...), as Python 3.12 wheels in .whl/ (git-ignored), carried to a GPU machine that has no network.
+GPU_WHEELS := fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection \
+	annotated-types uvicorn faiss-cpu gguf psycopg psycopg-binary psycopg-pool
+gpu-wheels: $(STAMP)  ## download the wheels bench/gpu_check.sh installs offline on a GPU machine (into .whl/)
+	rm -rf .whl && mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+		version=$$($(PY) -c "from importlib.metadata import version; print(version('$$name'))") && \
+		$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d .whl "$$name==$$version" || exit 1; \
+	done
+	du -sh .whl
 
 clean:  ## remove the venv, model cache and index
 	rm -rf $(VENV) .model_cache var

@@ -10,7 +10,9 @@ Layout of what the reader sees (DESIGN.md section 3)::
   the document, so they are computed without gradients once and reused (training epochs, service queries).
 * The question and answer tokens start at position ``P + max_i len(doc_i)`` (over the documents with a
   non-zero mask), attend to the prefix, to every document with the DMA bias ``log M_i``
-  (:mod:`grerank.masked_attention`), and causally to themselves. Only these tokens carry gradients.
+  (:mod:`grerank.masked_attention`), and causally to themselves. Only these tokens carry gradients. Their
+  attention runs as :func:`~grerank.masked_attention.scaled_value_attention` (registered with transformers
+  as ``SCALED_VALUES``), eager attention only where attention weights are asked for.
 
 Works with any Hugging Face causal LM that takes a 4D additive attention mask, explicit ``position_ids``
 and a ``DynamicCache`` (Llama, Qwen2, Mistral, Gemma families).
@@ -23,13 +25,33 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
-from grerank.masked_attention import causal_block, concat_documents, document_log_mask, key_bias, to_additive
+from grerank.masked_attention import (
+    causal_block,
+    concat_documents,
+    document_log_mask,
+    grouped_causal_mask,
+    key_bias,
+    key_scale,
+    scaled_value_attention,
+    to_additive,
+)
 from grerank.passage import Passage
 from grerank.reader_adapter import adapter_off
 from grerank.readers import Reader
 from grerank.text_stream import IncrementalDecoder
+
+SCALED_VALUES = "grerank_scaled_values"
+
+
+def _scaled_value_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' attention interface over :func:`scaled_value_attention`: ``attention_mask`` is its
+    grouped causal mask and the ``key_scale`` keyword the per-key mask (both from ``_answer_forward``)."""
+    return scaled_value_attention(query, key, value, kwargs["key_scale"], attention_mask, scaling), None
+
+
+AttentionInterface.register(SCALED_VALUES, _scaled_value_attention)
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,8 @@ class DecoderReader(Reader):
         # Greedy generation's question and answer passes, with the adapter merged into a copy of the
         # weights (grerank.reader_artifact): peft's unmerged LoRA costs about 1.6x the time to first token.
         self.answer_model: torch.nn.Module | None = None
+        # The question/answer pass's attention: SCALED_VALUES, or "eager" (the earlier one, for comparison).
+        self.answer_attention = SCALED_VALUES
         self.tokenizer = tokenizer
         self.prompt = prompt or PromptFormat.for_tokenizer(tokenizer)
         self.max_document_tokens = max_document_tokens
@@ -113,17 +137,20 @@ class DecoderReader(Reader):
         positions: torch.Tensor,
         states: torch.Tensor | None,
         output_attentions: bool = False,
+        **attention_kwargs: torch.Tensor,
     ):
         """Forward ``ids`` after past ``states`` [layers, 2, B, kvh, K, d] under the additive ``mask``
-        [B, T, K + T]; returns the base model's output (hidden states, cache, optionally attentions)."""
+        [B, T, K + T] (or, already 4-D, the attention implementation's own mask); returns the base model's
+        output (hidden states, cache, optionally attentions)."""
         past = DynamicCache() if states is None else DynamicCache(ddp_cache_data=[(k, v) for k, v in states])
         return self.model.base_model(
             input_ids=ids,
-            attention_mask=to_additive(mask[:, None], self.dtype),
+            attention_mask=mask if mask.dim() == 4 else to_additive(mask[:, None], self.dtype),
             position_ids=positions,
             past_key_values=past,
             use_cache=True,
             output_attentions=output_attentions,
+            **attention_kwargs,
         )
 
     @contextmanager
@@ -237,18 +264,28 @@ class DecoderReader(Reader):
         ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
         positions = starts[:, None] + torch.arange(width, device=self.device)
 
-        bias = key_bias(document_log_mask(mask.to(self.device, torch.float32)), key_index)  # [B, K]
-        attn = torch.cat(
-            [
-                bias[:, None, :].expand(-1, width, -1),
-                causal_block(width, self.device).expand(len(seqs), -1, -1),
-            ],
-            dim=2,
-        )
-        # Eager attention for these few tokens: its backward through the float mask is about 1.3x faster
-        # than SDPA's on CPU, and only it returns attention weights. Documents are encoded with SDPA.
-        with self._attention("eager"):
-            out = self._run(ids, attn, positions, past, output_attentions)
+        mask = mask.to(self.device, torch.float32)
+        eager = self.answer_attention == "eager" or getattr(self.model.config, "attn_logit_softcapping", None)
+        if output_attentions or eager:
+            # Eager attention: only it returns attention weights (and it applies soft-capping).
+            bias = key_bias(document_log_mask(mask), key_index)  # [B, K]
+            attn = torch.cat(
+                [
+                    bias[:, None, :].expand(-1, width, -1),
+                    causal_block(width, self.device).expand(len(seqs), -1, -1),
+                ],
+                dim=2,
+            )
+            with self._attention("eager"):
+                out = self._run(ids, attn, positions, past, output_attentions)
+        else:
+            # Keys: past states then the question and answer tokens themselves (always visible to later ones).
+            scale = torch.cat([key_scale(mask, key_index), mask.new_ones(len(seqs), width)], dim=1)
+            config = self.model.config
+            groups = config.num_attention_heads // config.num_key_value_heads
+            causal = grouped_causal_mask(width, scale.shape[1], groups, self.dtype, self.device)
+            with self._attention(SCALED_VALUES):
+                out = self._run(ids, causal, positions, past, key_scale=scale)
         target = torch.zeros(len(seqs), width - 1, dtype=torch.bool, device=self.device)
         for b, (q, a) in enumerate(zip(q_ids, a_ids, strict=True)):
             target[b, len(q) - 1 : len(q) + len(a) - 1] = True  # position t predicts token t + 1

@@ -6,6 +6,12 @@ and a soft mask is its differentiable relaxation (G-Rerank, DESIGN.md section 2,
 
 A document with ``M_i == 0`` exactly is removed (``-inf``), so a hard mask equals not giving the reader
 that document at all. Below ``eps`` the log is clamped, so gradients stay finite.
+
+:func:`scaled_value_attention` computes the same attention without differentiating through a mask: since
+``softmax(s + log M) v = (sum_k e^s_k M_k v_k) / (sum_k e^s_k M_k)``, it scales each key's value (and a column
+of ones, the normaliser) by ``M_k`` and runs a fused attention kernel with no bias at all. The mask's gradient
+then arrives through the values, which the kernel's backward computes anyway; the eager alternative saved
+fp32 attention probabilities and grouped-query copies of every key and value for backward.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 EPS = 1e-12
 
@@ -21,6 +28,18 @@ def document_log_mask(mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """``log(max(M, eps))`` with exact zeros mapped to ``-inf``; differentiable where ``M > 0``."""
     log_mask = torch.log(mask.clamp_min(eps))
     return log_mask.masked_fill(mask == 0, float("-inf"))
+
+
+def _per_key(
+    per_doc: torch.Tensor, key_doc_index: torch.Tensor, visible: float, hidden: float
+) -> torch.Tensor:
+    """Per-document values ``[B, n]`` gathered to keys ``[B, K]``: ``visible`` at -1, ``hidden`` at -2."""
+    batch, n = per_doc.shape
+    extended = torch.cat(
+        [per_doc, per_doc.new_full((batch, 1), visible), per_doc.new_full((batch, 1), hidden)], dim=1
+    )
+    index = torch.where(key_doc_index >= 0, key_doc_index, n - 1 - key_doc_index)  # -1 -> n, -2 -> n+1
+    return torch.gather(extended, 1, index)
 
 
 def key_bias(
@@ -33,19 +52,56 @@ def key_bias(
     ``-1`` for keys that belong to no document (always visible: prefix, question) and ``-2`` for padding
     (never visible). Returns ``[B, K]``.
     """
-    batch, _ = doc_log_mask.shape
-    # Two extra columns: index -1 -> 0 (visible), index -2 -> -inf (padding).
-    extended = torch.cat(
-        [
-            doc_log_mask,
-            doc_log_mask.new_zeros(batch, 1),
-            doc_log_mask.new_full((batch, 1), float("-inf")),
-        ],
-        dim=1,
+    return _per_key(doc_log_mask, key_doc_index, 0.0, float("-inf"))
+
+
+def key_scale(mask: torch.Tensor, key_doc_index: torch.Tensor) -> torch.Tensor:
+    """Per-key multiplier ``M`` ``[B, K]`` for :func:`scaled_value_attention`: ``exp`` of :func:`key_bias`
+    (1 for keys of no document, 0 for padding), differentiable in ``mask``."""
+    return _per_key(mask, key_doc_index, 1.0, 0.0)
+
+
+def scaled_value_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: torch.Tensor,
+    causal_tail: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, H, T, d]`` over ``key``/``value`` ``[B, kvh, K, d]`` (grouped-query:
+    ``H`` a multiple of ``kvh``) with each key's unnormalised weight multiplied by ``scale`` ``[B, K]``;
+    the last ``T`` keys are the queries' own tokens, seen causally. Returns ``[B, T, H, d]``.
+
+    Equal to softmax attention under the additive bias ``log scale`` (``-inf`` where it is 0), and so are
+    the gradients where ``scale > 0``; where it is 0 they are the one-sided derivative (a small mask's), where
+    the bias has none. ``causal_tail``
+    is :func:`grouped_causal_mask`'s constant mask. At least one key of every row must have a nonzero
+    scale (the reader's prefix and its own tokens always do).
+    """
+    batch, heads, length, width = query.shape
+    kv_heads = key.shape[1]
+    # The heads that share a key/value head attend as one longer query: no copies of keys and values.
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, width)
+    scaled = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1) * scale[:, None, :, None].to(
+        value.dtype
     )
-    n = doc_log_mask.shape[1]
-    index = torch.where(key_doc_index >= 0, key_doc_index, n - 1 - key_doc_index)  # -1 -> n, -2 -> n+1
-    return torch.gather(extended, 1, index)
+    # The normaliser's column widens the values; queries and keys get a zero column to match, since the
+    # fused CPU kernel takes only equal widths (the unfused one it fell back to was 1.7x slower).
+    grouped, key = (F.pad(t, (0, 1)) for t in (grouped, key))
+    out = F.scaled_dot_product_attention(grouped, key, scaled, attn_mask=causal_tail, scale=scaling)
+    out = out[..., :width] / out[..., width:]
+    return out.view(batch, heads, length, width).transpose(1, 2).contiguous()
+
+
+def grouped_causal_mask(
+    length: int, keys: int, groups: int, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
+    """``[1, 1, groups * length, keys]`` additive mask for :func:`scaled_value_attention`: every earlier key
+    visible, the last ``length`` keys causal, for each of ``groups`` query heads stacked along the rows."""
+    tail = causal_block(length, device).repeat(groups, 1)
+    mask = torch.cat([tail.new_zeros(groups * length, keys - length), tail], dim=1)
+    return to_additive(mask, dtype)[None, None]
 
 
 def to_additive(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

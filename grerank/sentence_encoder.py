@@ -16,12 +16,17 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 class SentenceEncoder(torch.nn.Module):
     def __init__(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int = 256
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 256,
+        max_padding: float = 0.25,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.max_padding = max_padding  # see forward; infinity pads every text to the longest, as before
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 256) -> SentenceEncoder:
@@ -36,14 +41,35 @@ class SentenceEncoder(torch.nn.Module):
         return next(self.parameters()).device
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings ``[N, dim]`` with gradients (the caller chooses ``no_grad``)."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+        """Embeddings ``[N, dim]`` with gradients (the caller chooses ``no_grad``).
+
+        Texts run in length-sorted groups whose padding stays within ``max_padding`` of their real tokens:
+        a training batch of 44 texts averaging 124 tokens, padded as one to the 256 of its longest, spent
+        about half its encoder FLOPs (and more of its attention) on padding. Each text's embedding does not
+        depend on its group, up to rounding.
+        """
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        groups: list[list[int]] = []
+        for i in order:  # longest first: a group's width is its first text's length
+            group = groups[-1] if groups else None
+            if group and len(encoded[group[0]]) * (len(group) + 1) <= (1 + self.max_padding) * sum(
+                len(encoded[j]) for j in [*group, i]
+            ):
+                group.append(i)
+            else:
+                groups.append([i])
+        pooled: list[torch.Tensor | None] = [None] * len(encoded)
+        for group in groups:
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in group]}, return_tensors="pt").to(
+                self.device
+            )
+            hidden = self.model(**batch).last_hidden_state
+            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            means = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+            for row, i in enumerate(group):
+                pooled[i] = means[row]
+        return torch.nn.functional.normalize(torch.stack(pooled).float(), dim=-1)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def encode(

@@ -77,6 +77,38 @@ def test_soft_mask_gets_a_gradient_and_batches_agree(reader: DecoderReader) -> N
     assert torch.allclose(nll[1].detach(), single, atol=1e-5)
 
 
+def test_scaled_value_attention_equals_eager_attention_under_the_bias(reader: DecoderReader) -> None:
+    """The training path's attention (values scaled by the mask, grouped-query heads folded, no bias to
+    differentiate) gives eager attention's likelihoods and mask gradients: soft, hard and padded masks."""
+    states = reader.encode_documents(PASSAGES)
+    questions, answers = ["where does it flow?", "what is beta known for, in glass?"], ["north", "glass"]
+    docs = [states, states[:2]]  # ragged: the second example's keys end in padding
+    for values in ([[0.9, 1e-3, 0.5], [0.2, 0.8, 0.0]], [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]):
+        results = []
+        for implementation in ("scaled", "eager"):
+            mask = torch.tensor(values, requires_grad=True)
+            if implementation == "scaled":
+                ll, _ = reader.answer_log_likelihood(questions, answers, docs, mask)
+            else:
+                ll = _eager_log_likelihood(reader, questions, answers, docs, mask)
+            ll.sum().backward()
+            results.append((ll.detach(), mask.grad))
+        (ll, grad), (eager_ll, eager_grad) = results
+        assert torch.allclose(ll, eager_ll, atol=1e-5)
+        # Where M > 0; at M == 0 eager's -inf has no gradient, the scaled values their one-sided derivative.
+        kept = torch.tensor(values) > 0
+        assert torch.allclose(grad[kept], eager_grad[kept], atol=1e-5, rtol=1e-4)
+        assert torch.all(grad[kept] != 0)
+
+
+def _eager_log_likelihood(reader: DecoderReader, questions, answers, docs, mask) -> torch.Tensor:
+    """``answer_log_likelihood``'s sums through eager attention (the path that returns attention weights)."""
+    out, ids, target, _ = reader._answer_forward(questions, answers, docs, mask, output_attentions=True)
+    logits = reader.model.get_output_embeddings()(out.last_hidden_state).float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+    return (logprobs * target).sum(dim=1)
+
+
 def test_generation_stops_within_budget(reader: DecoderReader) -> None:
     states = reader.encode_documents(PASSAGES)
     text = reader.generate("where?", states, max_new_tokens=5)

@@ -1,0 +1,150 @@
+"""The CUDA path: reranker backend, reader, a G-Rerank step and the service on ``cuda``, with tiny models.
+
+Skipped where no CUDA device is visible, unless ``GRERANK_REQUIRE_CUDA`` is set (``bench/gpu_check.sh`` sets
+it, so that a GPU check cannot pass by skipping). Self-contained: the tokenizer and models are built here
+from configs, so nothing but this checkout has to reach the GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from grerank.artifact import write_artifact
+from grerank.decoder_reader import DecoderReader
+from grerank.passage import Passage
+from grerank.reranker import build_reranker
+from service.engine.rerank_backend import RerankBackend
+from tests.uvicorn_server import Server
+from training import objectives
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() and not os.environ.get("GRERANK_REQUIRE_CUDA"),
+        reason="no CUDA device (bench/gpu_check.sh runs these on a GPU machine)",
+    ),
+]
+
+TEXTS = [
+    "The alpha river flows north to the cold sea.",
+    "Beta is a small town known for its glass.",
+    "Gamma rays are produced by radioactive decay of nuclei.",
+    "Delta airlines flies from atlanta to many cities.",
+    "The band released its debut album in a small city club.",
+]
+QUERY = "where does the alpha river flow?"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A word-level BERT vocabulary of the texts above, and a tiny BERT and Llama over it."""
+    root = tmp_path_factory.mktemp("cuda-models")
+    words = sorted({w.strip(".,?!").lower() for t in [*TEXTS, QUERY] for w in t.split()} | set("abcdefghij"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"?.,:", *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    models = {
+        "bert": BertModel(BertConfig(vocab_size=len(vocab), max_position_embeddings=512, **shapes)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(vocab), num_key_value_heads=2, pad_token_id=0, eos_token_id=3, **shapes
+            )
+        ),
+    }
+    dirs = {}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_rerank_backend_on_cuda_is_batch_invariant_and_matches_cpu(model_dirs: dict[str, Path]) -> None:
+    reranker = build_reranker("bi-encoder", model_dirs["bert"])
+    cpu = RerankBackend(reranker, torch.float32)
+    cuda = RerankBackend(reranker.to("cuda"), torch.bfloat16)
+    assert cuda.device.type == "cuda"
+    sequences = cuda.encode(QUERY, TEXTS)
+    together = cuda.forward(sequences)
+    for i, sequence in enumerate(sequences):  # each output the same bits alone as in the mixed pass
+        assert torch.equal(cuda.forward([sequence]), together[i : i + 1])
+    expected = cpu.scores(cpu.forward(cpu.encode(QUERY, TEXTS)))
+    assert torch.allclose(cuda.scores(together), expected, atol=0.05)
+
+
+def test_reader_on_cuda_matches_cpu_with_its_mask_gradient(model_dirs: dict[str, Path]) -> None:
+    passages = [Passage(f"t{i}", text) for i, text in enumerate(TEXTS[:3])]
+    results = []
+    for device in ("cpu", "cuda"):
+        reader = DecoderReader.from_pretrained(model_dirs["llama"], device=device)
+        mask = torch.tensor([[0.9, 0.2, 0.5]], requires_grad=True)
+        nll = reader.answer_nll([QUERY], ["north"], [reader.encode_documents(passages)], mask)
+        nll.sum().backward()
+        results.append((nll.detach().cpu(), mask.grad))
+        streamed = "".join(reader.stream_answer(QUERY, reader.encode_documents(passages[:1]), 4))
+        assert isinstance(streamed, str)
+    (cpu_nll, cpu_grad), (cuda_nll, cuda_grad) = results
+    assert torch.allclose(cuda_nll, cpu_nll, atol=1e-3)
+    assert torch.allclose(cuda_grad, cpu_grad, atol=1e-4, rtol=1e-2)
+
+
+def test_grerank_step_on_cuda_lowers_the_answer_loss(model_dirs: dict[str, Path]) -> None:
+    reranker = build_reranker("bi-encoder", model_dirs["bert"]).to("cuda")
+    reader = DecoderReader.from_pretrained(model_dirs["llama"], device="cuda")
+    states = reader.encode_documents([Passage(f"t{i}", t) for i, t in enumerate(TEXTS)])
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(8):
+        scores = torch.stack(reranker([QUERY], [TEXTS])).float()
+        loss = objectives.grerank_nll(scores, reader, [QUERY], ["north"], [states], 2, 0.5, 4.0, generator, 4)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in reranker.parameters() if p.grad is not None)
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < losses[0]
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("cuda-service")
+    artifact = write_artifact(
+        tmp / "reranker", build_reranker("bi-encoder", model_dirs["bert"]), hyperparameters={}, metrics={}
+    )
+    env = {
+        "GRERANK_EMBEDDER": str(model_dirs["bert"]),
+        "GRERANK_ARTIFACT": str(artifact),
+        "GRERANK_READER": str(model_dirs["llama"]),
+        "GRERANK_INDEX_DIR": str(tmp / "index"),
+        "GRERANK_DEVICE": "cuda",
+        "GRERANK_READER_MAX_NEW_TOKENS": "4",
+    }
+    srv = Server(env, tmp / "server.log").start()
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def test_service_reranks_and_answers_on_cuda(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        assert client.get("/info").json()["models"]["device"].startswith("cuda")
+        ranked = client.post("/rerank", json={"query": QUERY, "documents": TEXTS}).json()["results"]
+        assert sorted(r["index"] for r in ranked) == list(range(len(TEXTS)))
+        again = client.post("/rerank", json={"query": QUERY, "documents": TEXTS[::-1]}).json()["results"]
+        scores = {TEXTS[r["index"]]: r["relevance_score"] for r in ranked}
+        assert all(scores[TEXTS[::-1][r["index"]]] == r["relevance_score"] for r in again)
+        docs = [{"id": f"d{i}", "title": f"t{i}", "text": t} for i, t in enumerate(TEXTS)]
+        assert client.post("/documents", json={"documents": docs}).status_code in (200, 201)
+        answer = client.post("/answer", json={"query": QUERY, "stream": False})
+        assert answer.status_code == 200 and "answer" in answer.json()
