@@ -259,7 +259,9 @@ class RerankBackend:
         """A request's scores ``[n]`` from the outputs of its sequences, in :meth:`encode` order."""
         if self.pair:
             return outputs
-        return self.scale * outputs[1:] @ outputs[0]
+        # Row by row, not a matrix-vector product: its rounding depended on the row's position (on an Intel
+        # Xeon a document's score changed in the last bit when the request listed the documents reversed).
+        return self.scale * (outputs[1:] * outputs[0]).sum(-1)
 
 
 def _spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
