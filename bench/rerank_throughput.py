@@ -432,6 +432,9 @@ def run(quick: bool) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="grerank-bench-") as tmp:
         with our_service(Path(tmp)) as url:
+            # The precision the service chose for itself ("auto" measures the CPU in its own process).
+            served = httpx.get(url + "/info", timeout=30).json()["rerank_batching"]["dtype"]
+            result["workload"]["service_precision"] = served
             bodies = work.rerank_bodies()
             result["service"] = concurrency_sweep(url, "/rerank", bodies, sizes, lambda: _metric_sums(url))
         backend = backend_for(dtype)
@@ -459,7 +462,8 @@ def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[
     ours = service[str(best)]["pairs_per_s"]
     model = result["model_alone"]["pairs_per_s"]
     # The peak of the precision the service ran in: where bf16 GEMMs are slower than fp32 it serves fp32.
-    peak_dtype = "bf16" if result["workload"]["dtype"] == "bfloat16" else "fp32"
+    served = result["workload"].get("service_precision", result["workload"]["dtype"])
+    peak_dtype = "bf16" if served in ("bf16", "bfloat16") else "fp32"
     peak = result["peak"][peak_dtype]["median_gflops"]
     eight = service["8"]
     peers = {"fp32": result["sentence_transformers"], **result.get("sentence_transformers_other", {})}
@@ -503,7 +507,8 @@ def markdown(result: dict[str, Any]) -> str:
     st, infinity = result["sentence_transformers"], result["infinity"]
     lines = [
         f"Requests of 1 query + {w['documents_per_request']} HotpotQA passages of {w['document_tokens']} "
-        f"tokens; reranker `{w['reranker']}` ({w['dtype']} in the service); medians of {w['repeats']} runs.",
+        f"tokens; reranker `{w['reranker']}` ({w.get('service_precision', w['dtype'])} in the service, "
+        f"{w['dtype']} for the model alone); medians of {w['repeats']} runs.",
         "",
         _row("system", "clients", "pairs/s", "p50 ms", "p99 ms"),
         _row("---", "---", "---", "---", "---"),
