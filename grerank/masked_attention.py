@@ -74,10 +74,9 @@ def scaled_value_attention(
     the last ``T`` keys are the queries' own tokens, seen causally. Returns ``[B, T, H, d]``.
 
     Equal to softmax attention under the additive bias ``log scale`` (``-inf`` where it is 0), and so are
-    the gradients where ``scale > 0``; where it is 0 they are the one-sided derivative (a small mask's), where
-    the bias has none. ``causal_tail``
-    is :func:`grouped_causal_mask`'s constant mask. At least one key of every row must have a nonzero
-    scale (the reader's prefix and its own tokens always do).
+    the gradients where ``scale > 0``; where it is 0 they are the one-sided derivative (a small mask's),
+    where the bias has none. ``causal_tail`` is :func:`grouped_causal_mask`'s constant mask. At least one key
+    of every row must have a nonzero scale (the reader's prefix and its own tokens always do).
     """
     batch, heads, length, width = query.shape
     kv_heads = key.shape[1]
