@@ -20,7 +20,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +47,30 @@ SMOLLM2 = dict(
 )
 
 
-def build(root: Path) -> dict[str, Path]:
-    """A 30,000-word vocabulary and the two random models over it, saved as Hugging Face folders."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(30000))]
+def save_word_level_models(
+    root: Path, words: Sequence[str], models: dict[str, Callable[[int], torch.nn.Module]]
+) -> dict[str, Path]:
+    """A BERT word-level tokenizer over ``words`` (and BERT's special tokens) and, for each name, the model
+    ``models[name](vocab_size)`` beside it, saved as Hugging Face folders under ``root``; their paths."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
     torch.manual_seed(0)
-    models = {
-        "reranker": BertModel(BertConfig(vocab_size=len(vocab), **MINILM)),
-        "reader": LlamaForCausalLM(
-            LlamaConfig(vocab_size=len(vocab), pad_token_id=0, eos_token_id=3, **SMOLLM2)
-        ),
-    }
-    for name, model in models.items():
-        model.save_pretrained(root / name)
+    for name, build in models.items():
+        build(len(vocab)).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return {name: root / name for name in models}
+
+
+def build(root: Path) -> dict[str, Path]:
+    """A 30,000-word vocabulary and the two random models over it, saved as Hugging Face folders."""
+    models = {
+        "reranker": lambda vocab: BertModel(BertConfig(vocab_size=vocab, **MINILM)),
+        "reader": lambda vocab: LlamaForCausalLM(
+            LlamaConfig(vocab_size=vocab, pad_token_id=0, eos_token_id=3, **SMOLLM2)
+        ),
+    }
+    return save_word_level_models(root, [f"w{i}" for i in range(30000)], models)
 
 
 def words(n: int, rng: random.Random) -> str:

@@ -73,20 +73,23 @@ def passes(
     return rates, saved["bytes"]
 
 
+BATCH_SIZE = 4
+
+
 def run(quick: bool) -> dict[str, Any]:
     questions = 8 if quick else 24
     reuse_freed_memory()  # as training does: without it every step faults its gigabytes in afresh
-    (cached, saved), (uncached, _) = passes(questions, True), passes(questions, False)
-    earlier, earlier_saved = passes(questions, True, earlier=True)
+    (cached, saved), (uncached, _) = passes(questions, True, BATCH_SIZE), passes(questions, False, BATCH_SIZE)
+    earlier, earlier_saved = passes(questions, True, BATCH_SIZE, earlier=True)
     return {
         "questions": questions,
-        "batch_size": 4,
+        "batch_size": BATCH_SIZE,
         "dtype": str(resolve_dtype("auto", resolve_device("auto"))).removeprefix("torch."),
-        "seconds_per_step": 4 / cached[1],
+        "seconds_per_step": BATCH_SIZE / cached[1],
         "autograd_saved_gib_per_step": saved / (1 << 30),
         "earlier_step": {
             "examples_per_s": earlier[1],
-            "seconds_per_step": 4 / earlier[1],
+            "seconds_per_step": BATCH_SIZE / earlier[1],
             "autograd_saved_gib_per_step": earlier_saved / (1 << 30),
         },
         "step_speedup_over_earlier": cached[1] / earlier[1],

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from bench.gpu import save_word_level_models
 from grerank.artifact import write_artifact
 from grerank.decoder_reader import DecoderReader
 from grerank.passage import Passage
@@ -45,18 +46,13 @@ QUERY = "where does the alpha river flow?"
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A word-level BERT vocabulary of the texts above, and a tiny BERT and Llama over it."""
-    root = tmp_path_factory.mktemp("cuda-models")
     words = sorted({w.strip(".,?!").lower() for t in [*TEXTS, QUERY] for w in t.split()} | set("abcdefghij"))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"?.,:", *words]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    torch.manual_seed(0)
     shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     models = {
-        "bert": BertModel(BertConfig(vocab_size=len(vocab), max_position_embeddings=512, **shapes)),
-        "llama": LlamaForCausalLM(
+        "bert": lambda vocab: BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=512, **shapes)),
+        "llama": lambda vocab: LlamaForCausalLM(
             LlamaConfig(
-                vocab_size=len(vocab),
+                vocab_size=vocab,
                 num_key_value_heads=2,
                 pad_token_id=0,
                 eos_token_id=3,
@@ -65,12 +61,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             )
         ),
     }
-    dirs = {}
-    for name, model in models.items():
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs[name] = root / name
-    return dirs
+    return save_word_level_models(tmp_path_factory.mktemp("cuda-models"), [*"?.,:", *words], models)
 
 
 def test_rerank_backend_on_cuda_is_batch_invariant_and_matches_cpu(model_dirs: dict[str, Path]) -> None:

@@ -121,23 +121,23 @@ class EncoderLayer:
         q, k, v = zip(*(self.qkv(block).chunk(3, dim=1) for block in blocks), strict=True)
         rows, hidden = len(blocks) * TOKENS_PER_BLOCK, blocks[0].shape[1]
         context = blocks[0].new_empty(rows, hidden)
-        end = spans[-1][1]
-        context[end:] = 0  # the padding rows, which attention skips
+        used = spans[-1][1]
+        context[used:] = 0  # the padding rows, which attention skips
         width = hidden // self.heads
         if starts is not None:
-            packed = [rows_of(t, 0, end).reshape(end, self.heads, width) for t in (q, k, v)]
-            longest = max(e - s for s, e in spans)
+            packed = [rows_of(t, 0, used).reshape(used, self.heads, width) for t in (q, k, v)]
+            longest = max(end - start for start, end in spans)
             out = varlen_attn(*packed, starts, starts, longest, longest, scale=self.scaling)
-            context[:end] = out.reshape(end, hidden)
-            spans = []
-        for start, end in spans:
-            # [1, heads, length, width]: four dimensions take the CPU flash kernel, three the slow math one.
-            heads = [
-                rows_of(t, start, end).view(1, end - start, self.heads, width).transpose(1, 2)
-                for t in (q, k, v)
-            ]
-            out = F.scaled_dot_product_attention(*heads, scale=self.scaling)
-            context[start:end] = out[0].transpose(0, 1).reshape(end - start, hidden)
+            context[:used] = out.reshape(used, hidden)
+        else:
+            for start, end in spans:
+                # [1, heads, length, width]: four dimensions take the CPU flash kernel, three the slow math.
+                heads = [
+                    rows_of(t, start, end).view(1, end - start, self.heads, width).transpose(1, 2)
+                    for t in (q, k, v)
+                ]
+                out = F.scaled_dot_product_attention(*heads, scale=self.scaling)
+                context[start:end] = out[0].transpose(0, 1).reshape(end - start, hidden)
         out = []
         for x, c in zip(blocks, context.split(TOKENS_PER_BLOCK), strict=True):
             x = self.attention_norm(self.attention_out(c, residual=x))
