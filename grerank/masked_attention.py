@@ -131,25 +131,30 @@ def concat_documents(
     Returns ``(states, key_doc_index [B, K])`` with index ``-1`` for ``lead`` and ``-2`` for padding, as
     :func:`key_bias` expects.
     """
-    rows, index_rows = [], []
-    for docs in docs_per_example:
-        parts = ([lead] if lead is not None else []) + list(docs)
-        rows.append(torch.cat(parts, dim=seq_dim))
+    parts_per_example = [([lead] if lead is not None else []) + list(docs) for docs in docs_per_example]
+    lengths = [sum(part.shape[seq_dim] for part in parts) for parts in parts_per_example]
+    width = max(lengths)
+    first = parts_per_example[0][0]
+    shape = list(first.shape)
+    shape[seq_dim] = width
+    shape.insert(batch_dim, len(parts_per_example))
+    # One allocation, each state copied once into its slot: a cat per example, a zero pad and a stack
+    # copied the states three times (about a second of a training step at ten documents per question).
+    states = first.new_empty(shape)
+    index_rows = []
+    for b, (docs, parts, length) in enumerate(zip(docs_per_example, parts_per_example, lengths, strict=True)):
+        row = states.select(batch_dim, b)
+        offset = 0
+        for part in parts:
+            row.narrow(seq_dim, offset, part.shape[seq_dim]).copy_(part)
+            offset += part.shape[seq_dim]
+        row.narrow(seq_dim, length, width - length).zero_()
         index_rows.append(
             torch.cat(
                 ([torch.full((lead.shape[seq_dim],), -1, dtype=torch.long)] if lead is not None else [])
                 + [torch.full((d.shape[seq_dim],), i, dtype=torch.long) for i, d in enumerate(docs)]
+                + [torch.full((width - length,), -2, dtype=torch.long)]
             )
         )
-    width = max(r.shape[seq_dim] for r in rows)
-
-    def pad(row: torch.Tensor) -> torch.Tensor:
-        shape = list(row.shape)
-        shape[seq_dim] = width - row.shape[seq_dim]
-        return torch.cat([row, row.new_zeros(shape)], dim=seq_dim)
-
-    states = torch.stack([pad(r) for r in rows], dim=batch_dim)
-    key_index = torch.stack(
-        [torch.nn.functional.pad(r, (0, width - r.shape[0]), value=-2) for r in index_rows]
-    )
+    key_index = torch.stack(index_rows)
     return states, key_index.to(states.device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grerank.decoder_reader import DecoderReader
+from grerank.masked_attention import concat_documents
 from grerank.passage import Passage
 
 PASSAGES = [
@@ -128,3 +129,20 @@ def test_document_attention_matches_uniform_attention_by_hand(copy_reader_dir) -
     visible = len(reader.prefix_ids) + sum(lengths) + len(reader._question_ids("where does it flow?"))
     assert score.tolist() == pytest.approx([-math.log(visible)] * 3, rel=1e-4)
     assert reader.model.config._attn_implementation == "sdpa"  # switched back after reading the weights
+
+
+@pytest.mark.parametrize("seq_dim, batch_dim", [(-2, 2), (0, 0)])
+def test_concat_documents_lays_states_end_to_end_and_pads_with_zeros(seq_dim: int, batch_dim: int) -> None:
+    def states(length: int, fill: float) -> torch.Tensor:  # [layers, 2, heads, L, d] or [L, d]
+        return torch.full((3, 2, 2, length, 4) if seq_dim == -2 else (length, 4), fill)
+
+    lead = states(2, -1.0)
+    docs = [[states(3, 1.0), states(1, 2.0)], [states(2, 3.0)]]
+    out, key_index = concat_documents(docs, seq_dim=seq_dim, batch_dim=batch_dim, lead=lead)
+    assert key_index.tolist() == [[-1, -1, 0, 0, 0, 1], [-1, -1, 0, 0, -2, -2]]
+    seq = out.dim() + seq_dim if seq_dim < 0 else seq_dim + 1  # the batch dimension comes before it
+    assert out.shape[batch_dim] == 2 and out.shape[seq] == 6
+    expected_rows = torch.tensor([[-1.0, -1, 1, 1, 1, 2], [-1.0, -1, 3, 3, 0, 0]])
+    for b, expected in enumerate(expected_rows):
+        values = out.select(batch_dim, b).movedim(seq - 1, 0).reshape(6, -1)
+        assert torch.equal(values, expected[:, None].expand_as(values))
