@@ -304,9 +304,12 @@ class DecoderReader(Reader):
         ``mask``.
         """
         out, ids, target, _ = self._answer_forward(questions, answers, doc_states, mask)
-        logits = self.model.get_output_embeddings()(out.last_hidden_state).float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        return (logprobs * target).sum(dim=1), target.sum(dim=1)
+        # The vocabulary head only on the positions that predict an answer token (a few of each row's dozens).
+        hidden = out.last_hidden_state[:, :-1][target]
+        logits = self.model.get_output_embeddings()(hidden).float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[:, 1:][target][:, None])[:, 0]
+        rows = target.nonzero()[:, 0]
+        return logprobs.new_zeros(len(questions)).index_add(0, rows, logprobs), target.sum(dim=1)
 
     @torch.no_grad()
     def document_attention(

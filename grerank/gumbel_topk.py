@@ -12,6 +12,8 @@ Inference: no noise, the k highest scores, ties broken by candidate order.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -24,24 +26,62 @@ def gumbel_noise(
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 
 
+def antithetic_gumbel_noise(
+    shape: tuple[int, ...], pairs_dim: int, generator: torch.Generator | None = None, **tensor_kwargs
+) -> torch.Tensor:
+    """Gumbel samples whose slices ``2j`` and ``2j + 1`` along ``pairs_dim`` (of even size) are antithetic:
+    ``u`` and ``1 - u``, so a draw that favours a document is paired with one that disfavours it."""
+    half = list(shape)
+    if half[pairs_dim] % 2:
+        raise ValueError(f"antithetic draws come in pairs; got {half[pairs_dim]}")
+    half[pairs_dim] //= 2
+    u = torch.rand(half, generator=generator, **tensor_kwargs)
+    u = torch.stack([u, 1.0 - u], dim=pairs_dim + 1).flatten(pairs_dim, pairs_dim + 1)
+    tiny = torch.finfo(u.dtype).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+
+
+def standardized(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scores ``[B, n]`` shifted and scaled to mean 0 and standard deviation 1 per row: the order is kept,
+    and ``kappa`` then sets how far apart the candidates are against the Gumbel noise in units of the row's
+    spread (a bi-encoder's cosines span a narrow range that differs from question to question)."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
+
+
 def relaxed_topk_mask(
     scores: torch.Tensor,
     k: int,
     tau: float = 0.5,
     kappa: float = 1.0,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft top-k mask ``[B, n]`` from reranker scores ``[B, n]``; differentiable in ``scores``.
 
-    ``generator`` makes the draws reproducible (it must live on the scores' device).
+    ``generator`` makes the draws reproducible (it must live on the scores' device); ``noise`` ``[k, B, n]``
+    replaces the independent Gumbel draws (e.g. :func:`antithetic_gumbel_noise`).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    noise = gumbel_noise((k, *scores.shape), generator, device=scores.device, dtype=torch.float32)
+    if noise is None:
+        noise = gumbel_noise((k, *scores.shape), generator, device=scores.device, dtype=torch.float32)
     draws = torch.softmax((kappa * scores.float() + noise) / tau, dim=-1)  # [k, B, n]
     return draws.max(dim=0).values
+
+
+def subset_probabilities(log_p: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+    """``P(S)`` ``[B, S]`` of drawing exactly each subset (rows of ``subsets`` ``[S, k]``) in k draws without
+    replacement from ``exp(log_p)`` ``[B, n]``: the Gumbel top-k distribution the relaxed mask stands for.
+    Summed over the k! orders of a subset, each the product of ``p_i / (1 - mass drawn before i)``;
+    differentiable in ``log_p``."""
+    k = subsets.shape[1]
+    orders = torch.tensor(list(itertools.permutations(range(k))), device=subsets.device)  # [k!, k]
+    picked = log_p.exp()[:, subsets[:, orders]]  # [B, S, k!, k]
+    before = picked.cumsum(-1) - picked
+    return (picked / (1 - before).clamp_min(torch.finfo(picked.dtype).tiny)).prod(-1).sum(-1)
 
 
 def hard_topk(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:

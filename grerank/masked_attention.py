@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 EPS = 1e-12
 
@@ -82,15 +81,65 @@ def scaled_value_attention(
     kv_heads = key.shape[1]
     # The heads that share a key/value head attend as one longer query: no copies of keys and values.
     grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, width)
-    scaled = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1) * scale[:, None, :, None].to(
-        value.dtype
-    )
-    # The normaliser's column widens the values; queries and keys get a zero column to match, since the
-    # fused CPU kernel takes only equal widths (the unfused one it fell back to was 1.7x slower).
-    grouped, key = (F.pad(t, (0, 1)) for t in (grouped, key))
-    out = F.scaled_dot_product_attention(grouped, key, scaled, attn_mask=causal_tail, scale=scaling)
-    out = out[..., :width] / out[..., width:]
+    # The mask's earlier columns are all zero (every cached key visible): only its causal tail is added.
+    tail = causal_tail[..., -length:]
+    out = _ScaledValueAttention.apply(grouped, key, value, scale.to(_wide(query.dtype)), tail, scaling)
     return out.view(batch, heads, length, width).transpose(1, 2).contiguous()
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention weights are formed in: fp32, or the inputs' own if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ScaledValueAttention(torch.autograd.Function):
+    """``softmax(q k^T * scaling + causal + log scale) v`` as plain matrix products that keep only each row's
+    maximum and normaliser for the backward, which recomputes the weights (as flash attention does).
+
+    A few dozen question/answer rows over a couple of thousand cached keys is a shape PyTorch's fused CPU
+    kernel serves badly in bf16 (see ``bench train_throughput``), and the ones column it needed for the
+    normaliser made the head width odd. Weights and their gradients are formed in fp32, in place; the
+    products run in the inputs' dtype. Only the last ``T`` keys (the rows' own tokens) take the causal mask.
+    """
+
+    @staticmethod
+    def _logits(grouped, key, causal_tail) -> torch.Tensor:  # noqa: ANN001
+        logits = torch.matmul(grouped, key.transpose(-1, -2)).to(_wide(key.dtype))
+        logits[..., -causal_tail.shape[-1] :] += causal_tail
+        return logits
+
+    @staticmethod
+    def forward(ctx, grouped, key, value, scale, causal_tail, scaling):  # noqa: ANN001, ANN205
+        grouped = grouped * scaling
+        logits = _ScaledValueAttention._logits(grouped, key, causal_tail)
+        peak = logits.amax(dim=-1, keepdim=True)
+        weights = logits.sub_(peak).exp_().mul_(scale[:, None, None, :])  # [B, kvh, R, K]
+        total = weights.sum(dim=-1, keepdim=True)
+        out = torch.matmul(weights.to(value.dtype), value).to(total.dtype).div_(total).to(value.dtype)
+        ctx.save_for_backward(grouped, key, value, scale, causal_tail, peak, total, out)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):  # noqa: ANN001, ANN205
+        grouped, key, value, scale, causal_tail, peak, total, out = ctx.saved_tensors
+        scale = scale[:, None, None, :]
+        # Each key's weight before its scale, normalised: the attention probabilities are this times scale.
+        unscaled = _ScaledValueAttention._logits(grouped, key, causal_tail).sub_(peak).exp_().div_(total)
+        d_value = None
+        if ctx.needs_input_grad[2]:
+            d_value = torch.matmul((unscaled * scale).to(value.dtype).transpose(-1, -2), d_out)
+        # d out / d weight_k = v_k - out: each key's share of the gradient is unscaled * (dO.v_k - dO.out).
+        wide = unscaled.dtype
+        shares = torch.matmul(d_out, value.transpose(-1, -2)).to(wide)
+        shares.sub_((d_out.to(wide) * out.to(wide)).sum(dim=-1, keepdim=True)).mul_(unscaled)
+        d_scale = shares.sum(dim=(1, 2)) if ctx.needs_input_grad[3] else None
+        d_logits = shares.mul_(scale).to(grouped.dtype)
+        d_grouped = torch.matmul(d_logits, key) * ctx.scaling if ctx.needs_input_grad[0] else None
+        d_key = None
+        if ctx.needs_input_grad[1]:
+            d_key = torch.matmul(d_logits.transpose(-1, -2), grouped)  # grouped already carries scaling
+        return d_grouped, d_key, d_value, d_scale, None, None
 
 
 def grouped_causal_mask(

@@ -110,8 +110,14 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
+EXTRA_TRAIN = DATA_DIR.parent / "hotpotqa-train-extra" / "train.jsonl"
+
+
 def split_path(name: str) -> Path:
-    """``train``/``dev`` name the shipped splits; anything else is a path."""
+    """``train``/``dev`` name the shipped splits, ``extra`` the extra official-train questions (training
+    only); anything else is a path."""
+    if name == "extra":
+        return EXTRA_TRAIN
     return DATA_DIR / f"{name}.jsonl" if name in ("train", "dev") else Path(name)
 
 

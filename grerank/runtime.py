@@ -76,6 +76,25 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def match_attention_to_precision(model: torch.nn.Module) -> None:
+    """Give a BERT-style ``model`` on a CPU the faster attention for the precision it runs in now: eager
+    (bf16 matrix products, fp32 softmax) under bf16, PyTorch's fused kernel in fp32; elsewhere unchanged.
+
+    Measured on an AMD Zen 4 for a reranker training batch (22 texts of 147 tokens, 12 heads of 32): in bf16
+    the fused kernel took 11 ms forward and 50 ms backward against eager's 5 and 8; in fp32 it was the faster
+    (7 + 16 ms against 14 + 19). Called per forward, since autocast is decided by the caller.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return
+    bf16 = model.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    wanted = "eager" if bf16 else "sdpa"
+    if model.config._attn_implementation != wanted:
+        model.set_attn_implementation(wanted)
+
+
 def _libc():
     import ctypes
     import ctypes.util

@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from grerank.runtime import match_attention_to_precision
+
 
 class SentenceEncoder(torch.nn.Module):
     def __init__(
@@ -27,6 +29,9 @@ class SentenceEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_padding = max_padding  # see forward; infinity pads every text to the longest, as before
+        # "auto": the faster attention for the precision of each call (runtime.match_attention_to_precision);
+        # or a fixed transformers implementation ("sdpa", "eager").
+        self.attention = "auto"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 256) -> SentenceEncoder:
@@ -48,6 +53,10 @@ class SentenceEncoder(torch.nn.Module):
         about half its encoder FLOPs (and more of its attention) on padding. Each text's embedding does not
         depend on its group, up to rounding.
         """
+        if self.attention == "auto":
+            match_attention_to_precision(self.model)
+        elif self.model.config._attn_implementation != self.attention:
+            self.model.set_attn_implementation(self.attention)
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         groups: list[list[int]] = []
@@ -60,11 +69,19 @@ class SentenceEncoder(torch.nn.Module):
             else:
                 groups.append([i])
         pooled: list[torch.Tensor | None] = [None] * len(encoded)
-        for group in groups:
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in group]}, return_tensors="pt").to(
+        batches = [
+            self.tokenizer.pad({"input_ids": [encoded[i] for i in group]}, return_tensors="pt").to(
                 self.device
             )
-            hidden = self.model(**batch).last_hidden_state
+            for group in groups
+        ]
+        # One lookup for every group's tokens: each lookup's backward fills a vocabulary-sized gradient.
+        ids = [batch.pop("input_ids") for batch in batches]
+        words = self.model.get_input_embeddings()(torch.cat([i.flatten() for i in ids]))
+        for group, batch, shape, embedded in zip(
+            groups, batches, [i.shape for i in ids], words.split([i.numel() for i in ids]), strict=True
+        ):
+            hidden = self.model(inputs_embeds=embedded.view(*shape, -1), **batch).last_hidden_state
             weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             means = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
             for row, i in enumerate(group):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grerank.decoder_reader import DecoderReader
-from grerank.masked_attention import concat_documents
+from grerank.masked_attention import concat_documents, grouped_causal_mask, scaled_value_attention
 from grerank.passage import Passage
 
 PASSAGES = [
@@ -100,6 +100,22 @@ def test_scaled_value_attention_equals_eager_attention_under_the_bias(reader: De
         kept = torch.tensor(values) > 0
         assert torch.allclose(grad[kept], eager_grad[kept], atol=1e-5, rtol=1e-4)
         assert torch.all(grad[kept] != 0)
+
+
+def test_scaled_value_attention_gradients_are_exact() -> None:
+    """The hand-written backward (weights recomputed from each row's maximum and normaliser) against finite
+    differences, in float64, for queries, keys, values and the per-key scale (zeros and padding included)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, keys, width = 2, 4, 2, 3, 7, 5
+    query = torch.randn(batch, heads, length, width, dtype=torch.float64, generator=generator)
+    key, value = (
+        torch.randn(batch, kv_heads, keys, width, dtype=torch.float64, generator=generator) for _ in "kv"
+    )
+    scale = torch.rand(batch, keys, dtype=torch.float64, generator=generator)
+    scale[0, 1] = scale[1, 2] = 0.0
+    mask = grouped_causal_mask(length, keys, heads // kv_heads, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (query, key, value, scale))
+    assert torch.autograd.gradcheck(lambda q, k, v, s: scaled_value_attention(q, k, v, s, mask, 0.7), inputs)
 
 
 def _eager_log_likelihood(reader: DecoderReader, questions, answers, docs, mask) -> torch.Tensor:

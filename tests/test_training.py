@@ -5,6 +5,7 @@ The learning test uses the synthetic task and the tiny copying reader of ``tests
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_mixing_interpolates_floating_weights_and_keeps_integer_buffers() -> Non
     assert torch.equal(training.mixed(trained, start, 1.0)["w"], start["w"])
 
 
-@pytest.mark.parametrize("objective", ["pdist", "emdr", "loop", "supervised"])
+@pytest.mark.parametrize("objective", ["pdist", "emdr", "loop", "supervised", "expected"])
 def test_baselines_learn_the_synthetic_task(
     objective: str, copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
@@ -182,9 +183,10 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
     loglik = reader_signals(examples, cache, "loglik", store, progress=False)
     attention = reader_signals(examples, cache, "attention_score", store, progress=False)
     left_out = reader_signals(examples, cache, "loo_loglik", store, progress=False)
+    subsets = reader_signals(examples, cache, "subset_nll_k2", store, progress=False)
     lines = store.read_text().count("\n")
     assert (
-        lines == 15
+        lines == 20
         and reader_signals(examples, cache, "loglik", store, progress=False).keys() == loglik.keys()
     )
     assert store.read_text().count("\n") == lines  # read back, not recomputed
@@ -192,6 +194,17 @@ def test_reader_signals_are_computed_once_and_stored(copy_reader_dir: Path, tmp_
         assert int(loglik[ex.id].argmax()) == ex.supporting.index(True)
         assert int(left_out[ex.id].argmin()) == ex.supporting.index(True)  # and least likely without it
         assert attention[ex.id].shape == (4,) and bool(torch.isfinite(attention[ex.id]).all())
+        # Every pair of the 4 candidates, read alone: those with the answer's document are the likeliest, and
+        # each equals reading all four under the pair's hard mask.
+        answer, pairs = ex.supporting.index(True), list(itertools.combinations(range(4), 2))
+        best = {i for i, pair in enumerate(pairs) if answer in pair}
+        assert set(subsets[ex.id].argsort()[:3].tolist()) == best
+        states = cache.states(ex.passages, ex.question)
+        mask = torch.zeros(len(pairs), 4)
+        for row, pair in enumerate(pairs):
+            mask[row, list(pair)] = 1.0
+        masked = cache.reader.answer_nll([ex.question] * 6, [ex.answer] * 6, [states] * 6, mask)
+        assert torch.allclose(subsets[ex.id], masked.float(), atol=1e-4)
 
 
 def test_supervised_loss_ranks_within_a_question_whatever_the_score_level() -> None:

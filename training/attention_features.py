@@ -32,7 +32,6 @@ from grerank.router_artifact import load_router_artifact
 from grerank.runtime import resolve_device, resolve_dtype
 from training.reader_signals import one_example
 from training.train import load_split
-from training.train_reader import EXTRA_TRAIN
 
 CANDIDATES = 10
 DEFAULT_DIR = Path("runs/attention-features")
@@ -53,7 +52,7 @@ class Features:
 
 def split_examples(name: str, limit: int | None) -> list[Example]:
     """``train``/``dev`` (the shipped splits) or ``extra`` (the vendored extra train questions)."""
-    return load_split(str(EXTRA_TRAIN) if name == "extra" else name, limit, CANDIDATES)
+    return load_split(name, limit, CANDIDATES)
 
 
 def example_key(example: Example) -> str:

@@ -5,6 +5,7 @@ HotpotQA train and dev splits, seed by seed.
     python -m training.experiments --dry-run       # list the commands without running them
     python -m training.experiments --only pdist emdr --seeds 0 1
     python -m training.experiments --sweep         # G-Rerank's hyperparameters, one epoch a point
+    python -m training.experiments --matched       # every label-free objective at matched anchor weights
 
 Each run is ``python -m training.train ... --out runs/experiments/NAME`` (trained methods) followed by
 ``python -m training.evaluate ... --out results/dev/NAME.json``, as subprocesses, so the commands recorded in
@@ -34,6 +35,7 @@ class Method:
     train_args: tuple[str, ...] | None  # None: evaluated as is (no training, no seeds)
     reranker: str = ""  # what training.evaluate loads when not trained
     note: str = ""
+    seeds: int | None = None  # the first this many of the seeds asked for; None: all of them
 
 
 BASELINE_FLAGS = ("--anchor-weight", "0")  # the published objectives, without G-Rerank's anchor
@@ -77,6 +79,30 @@ SWEEP = [
 ]
 
 
+# Every label-free objective at the same anchor weights (KL to the starting reranker's scores): none, a middle
+# weight (one seed: a point on each method's trade-off curve) and G-Rerank's default, through the trained
+# reader on the shipped train split and the extra official-train questions (RESULTS/matched).
+LABEL_FREE = ("grerank", "pdist", "emdr", "loop", "adist")
+ANCHORS = {"0": None, "0.3": 1, "1": None}
+MATCHED = [
+    Method(
+        f"{objective}-anchor{weight}",
+        ("--objective", objective, "--anchor-weight", weight, "--train", "train", "extra"),
+        note=f"{objective}, anchor weight {weight}",
+        seeds=seeds,
+    )
+    for objective in LABEL_FREE
+    for weight, seeds in ANCHORS.items()
+] + [
+    Method(
+        "expected-anchor1",
+        ("--objective", "expected", "--train", "train", "extra"),
+        note="the exact expected loss G-Rerank's relaxation estimates (ablation), anchor weight 1",
+    )
+]
+UNTRAINED = [m for m in METHODS if m.train_args is None]
+
+
 @dataclass
 class Run:
     method: Method
@@ -98,8 +124,8 @@ def plan(
 ) -> list[Run]:
     """Seed-major order: every method's first seed comes before any method's second."""
     planned = [Run(m, None) for m in methods if m.train_args is None]
-    for seed in seeds:
-        planned += [Run(m, seed) for m in methods if m.train_args is not None]
+    for i, seed in enumerate(seeds):
+        planned += [Run(m, seed) for m in methods if m.train_args is not None and i < (m.seeds or len(seeds))]
     for run in planned:
         out = results / f"{run.name}.json"
         reranker = run.method.reranker
@@ -146,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="method (or sweep point) names; untrained first, then seed by seed, each in the order given",
     )
-    p.add_argument(
+    grids = p.add_mutually_exclusive_group()
+    grids.add_argument(
         "--sweep", action="store_true", help="run the G-Rerank hyperparameter sweep, not the methods"
+    )
+    grids.add_argument(
+        "--matched",
+        action="store_true",
+        help="run every label-free objective at anchor weights 0, 0.3 (one seed) and 1 on train + extra "
+        "(results in RESULTS/matched)",
     )
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1; the sweep's: 0")
     p.add_argument(
@@ -159,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     grid, kind = (SWEEP, "sweep") if args.sweep else (METHODS, "experiments")
+    if args.matched:
+        grid, kind = UNTRAINED + MATCHED, "matched"
     known = {m.name: m for m in grid}
     unknown = set(args.only or []) - set(known)
     if unknown:
@@ -167,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds if args.seeds is not None else [0] if args.sweep else [0, 1]
     runs = args.runs or f"runs/{kind}"
     results = Path(args.results)
-    folder = results / ("sweep" if args.sweep else "dev")
+    folder = results / {"sweep": "sweep", "matched": "matched"}.get(kind, "dev")
     planned = plan(
         methods, seeds, Path(runs), folder, shlex.split(args.train_args), shlex.split(args.eval_args)
     )
@@ -179,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         elif not done:
             execute(run, folder)
     if not args.dry_run:
-        report.main(["--results", str(results), "--runs", "runs/experiments" if args.sweep else runs])
+        report.main(
+            ["--results", str(results), "--runs", "runs/experiments" if kind != "experiments" else runs]
+        )
 
 
 if __name__ == "__main__":

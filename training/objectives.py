@@ -5,6 +5,11 @@ Every objective takes the reranker's scores ``w`` ``[B, n]``. The reranker's dis
 
 * ``grerank`` (DESIGN.md section 2): the reader's answer NLL under a relaxed top-k Gumbel mask of ``w``,
   backpropagated through the reader's attention.
+* ``expected`` (an ablation that separates G-Rerank's objective from its estimator): the exact expectation
+  of the reader's answer NLL when the k documents it reads are drawn as the relaxed mask stands for (Gumbel
+  top-k from ``p_w``), ``sum_S P_w(S) NLL(S)`` over every k-subset. The reader is frozen and reads each
+  subset with a hard mask, so the ``NLL(S)`` are constants cached like the baselines' signals; affordable
+  where ``n choose k`` is small (45 for n = 10, k = 2).
 * ``pdist`` (perplexity distillation, Izacard et al. 2022): ``KL(q || p_w)`` with
   ``q = softmax(log P(a|q,d_i))``, the reader's answer likelihood given each candidate alone.
 * ``emdr`` (EMDR², Sachan et al. 2021): the candidates as a latent variable,
@@ -25,13 +30,26 @@ Plus the anchor ``KL(p_start || p_w)`` any objective can add, which keeps what t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from grerank.gumbel_topk import relaxed_topk_mask
+from grerank.gumbel_topk import (
+    antithetic_gumbel_noise,
+    relaxed_topk_mask,
+    standardized,
+    subset_probabilities,
+)
 
-OBJECTIVES = ("grerank", "pdist", "emdr", "loop", "adist", "supervised")
+OBJECTIVES = ("grerank", "expected", "pdist", "emdr", "loop", "adist", "supervised")
 # Objectives whose targets are the frozen reader's per-candidate signals, computed once before training.
-NEEDS_READER_SIGNALS = {"pdist": "loglik", "emdr": "loglik", "loop": "loo_loglik", "adist": "attention_score"}
+NEEDS_READER_SIGNALS = {
+    "expected": "subset_nll",
+    "pdist": "loglik",
+    "emdr": "loglik",
+    "loop": "loo_loglik",
+    "adist": "attention_score",
+}
 
 
 def _log_p(scores: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -49,13 +67,40 @@ def grerank_nll(
     kappa: float,
     generator: torch.Generator,
     draws: int = 1,
+    antithetic: bool = False,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """The reader's answer NLL under relaxed top-k masks of ``scores``, averaged over the batch and over
-    ``draws`` independent masks per question: more draws, less gradient noise, at the price of the question
-    and answer tokens only (the document states are shared)."""
-    mask = relaxed_topk_mask(scores.repeat_interleave(draws, dim=0), k, tau, kappa, generator)
+    ``draws`` masks per question: more draws, less gradient noise, at the price of the question and answer
+    tokens only (the document states are shared). ``antithetic``: the draws of a question come in pairs of
+    noise ``u`` and ``1 - u``; ``standardize``: scores are standardised per question before ``kappa``."""
+    if standardize:
+        scores = standardized(scores)
+    rows = scores.repeat_interleave(draws, dim=0)
+    noise = None
+    if antithetic:
+        shape = (k, len(questions), draws, scores.shape[-1])
+        noise = antithetic_gumbel_noise(shape, 2, generator, device=scores.device).flatten(1, 2)
+    mask = relaxed_topk_mask(rows, k, tau, kappa, generator, noise)
     repeat = lambda items: [item for item in items for _ in range(draws)]  # noqa: E731
     return reader.answer_nll(repeat(questions), repeat(answers), repeat(states), mask).mean()
+
+
+def k_subsets(n: int, k: int) -> torch.Tensor:
+    """Every k-subset of n candidates ``[n choose k, k]``, in ``itertools.combinations`` order (the order of
+    the ``subset_nll`` signal)."""
+    return torch.tensor(list(itertools.combinations(range(n), k)))
+
+
+def expected_nll(
+    scores: torch.Tensor, subset_nll: torch.Tensor, k: int, kappa: float, standardize: bool = False
+) -> torch.Tensor:
+    """``sum_S P_w(S) NLL(S)`` per question, averaged: ``subset_nll`` ``[B, n choose k]``."""
+    if standardize:
+        scores = standardized(scores)
+    subsets = k_subsets(scores.shape[-1], k).to(scores.device)
+    probabilities = subset_probabilities(_log_p(scores, kappa), subsets)
+    return (probabilities * subset_nll.to(probabilities.dtype)).sum(-1).mean()
 
 
 def kl_to_target(scores: torch.Tensor, target_log_q: torch.Tensor, kappa: float) -> torch.Tensor:

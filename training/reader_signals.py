@@ -2,6 +2,8 @@
 
 * ``loglik``: ``log P(answer | question, d_i)`` with the reader given candidate ``i`` alone (PDist, EMDR);
 * ``loo_loglik``: ``log P(answer | question, all candidates but d_i)`` (LOOP);
+* ``subset_nll_k{K}``: the reader's answer NLL per token reading exactly each K-subset of the candidates
+  (``itertools.combinations`` order), the constants of the exact expected loss (objective ``expected``);
 * ``attention_score``: the reader's attention logits on candidate ``i`` when it reads all of them, averaged
   over layers, heads and the candidate's tokens (ADist). (An earlier ``attention`` signal, the summed
   attention mass, ranked candidates by length; its stored rows are ignored.)
@@ -14,6 +16,7 @@ shared by every run and seed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from grerank.doc_state_cache import DocStateCache
 from grerank.qa_data import Example
 
-SIGNALS = ("loglik", "loo_loglik", "attention_score")
+SIGNALS = ("loglik", "loo_loglik", "subset_nll_k{K}", "attention_score")
 
 
 FORMAT = "alone-rows"  # a new tag when how a signal is computed changes: stored rows of the old are ignored
@@ -37,7 +40,9 @@ def _key(signature: str, example: Example) -> str:
 
 
 @torch.no_grad()
-def one_example(reader, states: list[torch.Tensor], example: Example, kind: str) -> list[float]:
+def one_example(
+    reader, states: list[torch.Tensor], example: Example, kind: str, chunk: int = 15
+) -> list[float]:
     n = len(states)
     if kind == "loglik":  # each row holds candidate i's states only: 5x faster than all ten masked
         total, _ = reader.answer_log_likelihood(
@@ -49,6 +54,19 @@ def one_example(reader, states: list[torch.Tensor], example: Example, kind: str)
             [example.question] * n, [example.answer] * n, [states] * n, 1 - torch.eye(n)
         )
         return total.float().tolist()
+    if kind.startswith("subset_nll_k"):  # each row holds its subset's states only, all visible
+        subsets = list(itertools.combinations(range(n), int(kind.removeprefix("subset_nll_k"))))
+        values: list[float] = []
+        for start in range(0, len(subsets), chunk):
+            part = subsets[start : start + chunk]
+            nll = reader.answer_nll(
+                [example.question] * len(part),
+                [example.answer] * len(part),
+                [[states[i] for i in subset] for subset in part],
+                torch.ones(len(part), len(part[0])),
+            )
+            values += nll.float().tolist()
+        return values
     if kind == "attention_score":
         if not hasattr(reader, "document_attention"):
             raise ValueError(f"attention distillation needs a decoder reader, not {reader.family!r}")

@@ -83,6 +83,7 @@ def markdown(
     checks: Sequence[dict] = (),
     readers: tuple[Sequence[dict], Sequence[dict]] = ((), ()),
     attention: Sequence[dict] = (),
+    matched: Sequence[str] = (),
 ) -> str:
     lines = [
         "# Results on the shipped HotpotQA dev split",
@@ -105,6 +106,7 @@ def markdown(
     lines += selected_checkpoints([*methods.values(), *sweep.values()])
     lines += verdict(methods)
     lines += sweep_table(sweep, methods)
+    lines += matched
     lines += gradient_check_table(checks)
     lines += attention_table(attention, methods)
     lines += ["## Commands", ""]
@@ -330,20 +332,99 @@ def gradient_check_table(checks: Sequence[dict]) -> list[str]:
         "",
         "Cosine between each estimator's gradient in the n scores and the exact gradient of the expected "
         "reader NLL over Gumbel top-k subsets (every subset read), at the starting reranker's scores; mean "
-        "over questions. Mean/std: norm of the mean draw gradient over the norm of the draws' spread.",
+        "over questions. Mean/std: norm of the mean draw gradient over the norm of the draws' spread. "
+        "'2 draws', '4 draws': what one step with `--mask-draws 2` / `4` follows; 'antithetic': the same "
+        "with the masks in pairs of noise u and 1 - u (`--antithetic`).",
         "",
-        "| setting | questions | relaxed, mean of draws | relaxed, one draw | PDist | mean/std of draws |",
-        "|---|---|---|---|---|---|",
+        "| setting | reader | questions | relaxed, mean of draws | one draw | 2 draws | 2 antithetic "
+        "| 4 draws | 2+2 antithetic | PDist | mean/std of draws |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for check in checks:
         count = len(next(iter(check["questions"].values())))
+        reader = check["args"].get("reader_artifact", "none")
+        reader = "trained" if reader not in (None, "none") else "untrained"
         for setting, s in check["summary"].items():
+            more = [s.get(key) for key in ("independent_2", "antithetic_2", "independent_4", "antithetic_4")]
+            cells = " | ".join("" if v is None else f"{v:.2f}" for v in [s["relaxed_single"], *more])
             lines.append(
-                f"| k={check['args']['k']} {setting}, {check['args']['draws']} draws | {count} "
-                f"| {s['relaxed_mean']:.2f} | {s['relaxed_single']:.2f} | {s['pdist']:.2f} | {s['snr']:.2f} |"
+                f"| k={check['args']['k']} {setting}, {check['args']['draws']} draws | {reader} | {count} "
+                f"| {s['relaxed_mean']:.2f} | {cells} | {s['pdist']:.2f} | {s['snr']:.2f} |"
             )
     lines += ["", *(f"- `{c['command']}`" for c in checks), ""]
     return lines
+
+
+def anchor_weight(result: dict) -> float | None:
+    """The anchor weight a matched-grid run trained with (from its artifact's manifest)."""
+    manifest = (result.get("reranker") or {}).get("manifest") or {}
+    return (manifest.get("hyperparameters") or {}).get("anchor_weight")
+
+
+def matched_table(matched: dict[str, list[dict]]) -> list[str]:
+    """The label-free objectives at matched anchor weights (``training.experiments --matched``)."""
+    trained = {m: r for m, r in matched.items() if anchor_weight(r[0]) is not None}
+    if not trained:
+        return []
+    lines = [
+        "## Label-free objectives at matched anchor weights (`training.experiments --matched`)",
+        "",
+        "Each objective trained with the same KL anchor to the starting reranker (weight 0, 0.3 and 1), "
+        "through the trained reader, on the shipped train split plus the extra official-train questions.",
+        "",
+        "| method | anchor | seeds | " + " | ".join(label for _, _, label in SWEPT) + " |",
+        "|---|---|---|" + "---|" * len(SWEPT),
+    ]
+    for method, results in matched.items():
+        weight = anchor_weight(results[0])
+        seeds = len([r for r in results if r.get("seed") is not None]) or "–"
+        cells = [cell(results, s, n)[0] for s, n, _ in SWEPT]
+        lines.append(
+            f"| {method} | {'–' if weight is None else weight} | {seeds} | " + " | ".join(cells) + " |"
+        )
+    return [*lines, "", "![tradeoff.png](tradeoff.png)", ""]
+
+
+def plot_tradeoff(matched: dict[str, list[dict]], path: Path) -> bool:
+    """Answer-bearing Recall@1 against bridge Recall@5, one curve per objective over its anchor weights
+    (mean over seeds), the untrained rankers as single points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    points: dict[str, tuple[float, float]] = {}
+    for method, results in matched.items():
+        answer = cell(results, "ranking", "answer_recall@1")[1]
+        bridge = cell(results, "ranking", "bridge_recall@5")[1]
+        if answer is None or bridge is None:
+            continue
+        weight = anchor_weight(results[0])
+        if weight is None:
+            points[method] = (bridge, answer)
+        else:
+            curves.setdefault(method.split("-anchor")[0], []).append((weight, bridge, answer))
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for objective, rows in curves.items():
+        rows.sort()
+        ax.plot([b for _, b, _ in rows], [a for _, _, a in rows], marker="o", label=objective)
+        for weight, bridge, answer in rows:
+            ax.annotate(
+                f"{weight:g}", (bridge, answer), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    for name, (bridge, answer) in points.items():
+        ax.scatter([bridge], [answer], marker="x", color="black")
+        ax.annotate(name, (bridge, answer), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set(xlabel="bridge Recall@5 (what the starting reranker knew)", ylabel="answer-bearing Recall@1")
+    ax.set_title("Trade-off over the anchor weight (labels: weight)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_metrics(methods: dict[str, list[dict]], path: Path) -> None:
@@ -415,10 +496,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--runs", default="runs/experiments", help="training runs, for the curves")
     args = p.parse_args(argv)
     results = Path(args.results)
-    from training.experiments import METHODS, SWEEP  # imports this module: import here, not at the top
+    from training.experiments import (
+        MATCHED,
+        METHODS,
+        SWEEP,
+    )  # imports this module: import here, not at the top
 
     methods = load_results(results / "dev", [m.name for m in METHODS])
     sweep = load_results(results / "sweep", [m.name for m in SWEEP])
+    matched = load_results(results / "matched", ["bm25", "zero-shot", *(m.name for m in MATCHED)])
     if not methods:
         raise SystemExit(f"no results in {results / 'dev'}; run python -m training.experiments first")
     plots = ["metrics.png"]
@@ -432,7 +518,8 @@ def main(argv: list[str] | None = None) -> Path:
         for kind in ("reader", "e2e")
     )
     attention = [json.loads(f.read_text()) for f in sorted((results / "attention").glob("*.json"))]
-    out.write_text(markdown(methods, sweep, plots, checks, readers, attention))
+    tables = matched_table(matched) if plot_tradeoff(matched, results / "tradeoff.png") else []
+    out.write_text(markdown(methods, sweep, plots, checks, readers, attention, tables))
     print(f"report written to {out}")
     return out
 

@@ -66,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("data")
     g.add_argument(
-        "--train", default="train", help="'train', 'dev' (shipped HotpotQA) or a HotpotQA/FiD file"
+        "--train",
+        nargs="+",
+        default=["train"],
+        help="one or more of 'train' (shipped HotpotQA), 'extra' (its 1,095 extra official-train questions) "
+        "or a HotpotQA/FiD file",
     )
     g.add_argument("--dev", default="dev", help="dev split, same forms as --train")
     g.add_argument("--limit-train", type=int, default=None, help="use only the first N train questions")
@@ -98,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=objectives.OBJECTIVES,
         default="grerank",
         help="grerank, or a baseline: pdist, emdr, loop, adist (distilled from the reader), supervised "
-        "(labels)",
+        "(labels); or expected: the exact expected reader NLL over every k-subset, the loss G-Rerank's "
+        "relaxation estimates (an ablation; n choose k reader passes per question, once)",
     )
     g.add_argument("--k", type=int, default=2, help="documents the reader sees (soft draws per mask)")
     g.add_argument("--tau", type=float, default=0.5, help="Gumbel-softmax temperature")
@@ -115,6 +120,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Gumbel masks per question and step, their losses averaged: less gradient noise (one draw's "
         "gradient has about as much noise as signal, see training.gradient_check) for the cost of the "
         "question and answer tokens only",
+    )
+    g.add_argument(
+        "--antithetic",
+        action="store_true",
+        help="pair a question's Gumbel masks as noise u and 1 - u (antithetic draws; needs an even "
+        "--mask-draws)",
+    )
+    g.add_argument(
+        "--standardize-scores",
+        action="store_true",
+        help="standardise each question's scores (mean 0, std 1) before kappa in the mask (grerank) and the "
+        "subset distribution (expected); kappa then counts standard deviations",
     )
     g.add_argument(
         "--anchor-weight",
@@ -173,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mask_draws < 1:
         p.error(f"--mask-draws must be at least 1, not {args.mask_draws}")
+    if args.antithetic and args.mask_draws % 2:
+        p.error(f"--antithetic pairs the masks: --mask-draws must be even, not {args.mask_draws}")
     if args.k > args.n:
         p.error(f"--k ({args.k}) cannot exceed --candidates ({args.n})")
     if not 0.0 <= args.mix_start <= 1.0:
@@ -240,7 +259,12 @@ def batch_loss(
             args.kappa,
             generator,
             args.mask_draws,
+            args.antithetic,
+            args.standardize_scores,
         )
+    elif args.objective == "expected":
+        target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
+        loss = objectives.expected_nll(scores, target, args.k, args.kappa, args.standardize_scores)
     elif args.objective == "supervised":
         labels = torch.tensor([ex.supporting for ex in batch], device=scores.device)
         loss = objectives.supervised_loss(scores, labels, args.kappa)
@@ -331,8 +355,12 @@ def better(new: dict, best: dict | None, key: str) -> bool:
 # ---- main ------------------------------------------------------------------------------------------------
 
 
-def load_split(name: str, limit: int | None, n: int) -> list[Example]:
-    examples = [ex for ex in load_examples(split_path(name), limit) if len(ex.passages) >= n]
+def load_split(names: str | list[str], limit: int | None, n: int) -> list[Example]:
+    """The questions of one split or of several in turn (the first ``limit`` of them all), their first
+    ``n`` candidates; questions with fewer are skipped."""
+    names = [names] if isinstance(names, str) else names
+    examples = [ex for name in names for ex in load_examples(split_path(name))][:limit]
+    examples = [ex for ex in examples if len(ex.passages) >= n]
     for ex in examples:
         ex.passages = ex.passages[:n]
         ex.supporting = ex.supporting[:n]
@@ -387,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     signals: dict[str, torch.Tensor] = {}
     if args.objective in objectives.NEEDS_READER_SIGNALS:  # constants of training: computed once, on disk
         kind = objectives.NEEDS_READER_SIGNALS[args.objective]
+        kind = f"{kind}_k{args.k}" if kind == "subset_nll" else kind
         signals = reader_signals(shard, cache, kind, state_dir / "reader-signals.jsonl", is_main)
 
     start_scores: dict[str, torch.Tensor] = {}
@@ -532,7 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
             hyperparameters={k: getattr(args, k) for k in ("n", "k", "tau", "kappa", "anchor_weight", "lr")}
             | {"epochs": args.epochs, "batch_size": args.batch_size * world, "grad_accum": args.grad_accum}
             | {"seed": args.seed, "select_by": args.select_by, "anchor_temperature": args.anchor_temperature}
-            | {"mix_start": args.mix_start, "mask_draws": args.mask_draws},
+            | {"mix_start": args.mix_start, "mask_draws": args.mask_draws, "antithetic": args.antithetic}
+            | {"standardize_scores": args.standardize_scores},
             reader={
                 "model": str(args.reader),
                 "family": getattr(reader, "family", "decoder"),
@@ -541,7 +571,9 @@ def main(argv: list[str] | None = None) -> dict:
                 and {"path": args.reader_artifact, "adapter_sha256": reader.adapter_id},
             },
             data={
-                "train": {"path": str(split_path(args.train)), "sha256": sha256_file(split_path(args.train))},
+                "train": [
+                    {"path": str(split_path(t)), "sha256": sha256_file(split_path(t))} for t in args.train
+                ],
                 "dev": {"path": str(split_path(args.dev)), "sha256": sha256_file(split_path(args.dev))},
                 "train_questions": len(train),
                 "dev_questions": len(dev),

@@ -58,7 +58,6 @@ from training.reader_inputs import reading_set
 from training.train import score_all
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA_TRAIN = ROOT / "training" / "data" / "hotpotqa-train-extra" / "train.jsonl"
 
 
 def relative(path: Path) -> str:
@@ -78,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--train",
         nargs="+",
-        default=["train", str(EXTRA_TRAIN)],
-        help="train splits: 'train' (shipped HotpotQA) or HotpotQA/FiD files; never the dev split",
+        default=["train", "extra"],
+        help="train splits: 'train' (shipped HotpotQA), 'extra' (its extra official-train questions) or "
+        "HotpotQA/FiD files; never the dev split",
     )
     g.add_argument("--dev", default="dev", help="dev split for the final evaluation")
     g.add_argument("--limit-train", type=int, default=None, help="use only the first N train questions")
