@@ -142,7 +142,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| before (eager reader attention, reranker texts padded to the longest, fused reranker "
                     f"attention) | "
                     f"{e['seconds_per_step']:.2f} | {e['autograd_saved_gib_per_step']:.2f} |",
-                    f"| now (scaled-value attention, length groups, reranker attention by precision) | "
+                    f"| now (scaled-value attention, length groups, reranker attention by pass) | "
                     f"{result['seconds_per_step']:.2f} | "
                     f"{result['autograd_saved_gib_per_step']:.2f} |",
                     "",

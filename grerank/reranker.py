@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from grerank import model_paths
 from grerank.checksums import ArtifactError, weights_checksum
-from grerank.runtime import match_attention_to_precision
+from grerank.runtime import match_attention_to_pass
 from grerank.sentence_encoder import SentenceEncoder
 
 CONFIG_FILE = "reranker.json"
@@ -212,7 +212,7 @@ class CrossEncoderReranker(Reranker):
     def forward(self, queries: Sequence[str], documents: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         firsts = [q for q, docs in zip(queries, documents, strict=True) for _ in docs]
         seconds = [d for docs in documents for d in docs]
-        match_attention_to_precision(self.model)
+        match_attention_to_pass(self.model)
         batch = self.tokenizer(
             firsts,
             seconds,

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from grerank.runtime import match_attention_to_precision
+from grerank.runtime import match_attention_to_pass
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -29,7 +29,7 @@ class SentenceEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_padding = max_padding  # see forward; infinity pads every text to the longest, as before
-        # "auto": the faster attention for the precision of each call (runtime.match_attention_to_precision);
+        # "auto": the faster attention for the precision of each call (runtime.match_attention_to_pass);
         # or a fixed transformers implementation ("sdpa", "eager").
         self.attention = "auto"
 
@@ -54,7 +54,7 @@ class SentenceEncoder(torch.nn.Module):
         depend on its group, up to rounding.
         """
         if self.attention == "auto":
-            match_attention_to_precision(self.model)
+            match_attention_to_pass(self.model)
         elif self.model.config._attn_implementation != self.attention:
             self.model.set_attn_implementation(self.attention)
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]

@@ -72,3 +72,41 @@ def test_only_keeps_the_order_given_within_each_seed(tmp_path: Path, capsys) -> 
     experiments.main(argv)
     headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
     assert headers == ["# bm25", "# pdist-seed0", "# grerank-seed0", "# pdist-seed1", "# grerank-seed1"]
+
+
+def test_matched_grid_runs_each_objective_at_its_anchor_weights(
+    copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    experiments.main(["--matched", "--only", "grerank-anchor0.3", "loop-anchor1", "--dry-run"])
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    # The middle weight is one point of a trade-off curve: the first seed only.
+    assert headers == ["# grerank-anchor0.3-seed0", "# loop-anchor1-seed0", "# loop-anchor1-seed1"]
+
+    train = synthetic_split(tmp_path / "train.jsonl", 8, 4, seed=0)
+    dev = synthetic_split(tmp_path / "dev.jsonl", 8, 4, seed=9)
+    shared = ["--candidates", "4", "--reader", str(copy_reader_dir), "--precision", "fp32",
+              "--state-cache-dir", str(tmp_path / "states")]  # fmt: skip
+    train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(tiny_bert_dir),
+                  "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
+    eval_args = [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
+    argv = ["--matched", "--only", "zero-shot", "grerank-anchor0.3", "pdist-anchor1", "--seeds", "0",
+            "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
+    experiments.main(argv)
+    folder = tmp_path / "results" / "matched"
+    assert sorted(p.stem for p in folder.glob("*.json")) == [
+        "grerank-anchor0.3-seed0", "pdist-anchor1-seed0", "zero-shot",
+    ]  # fmt: skip
+    pdist = json.loads((folder / "pdist-anchor1-seed0.json").read_text())
+    assert pdist["reranker"]["manifest"]["hyperparameters"]["anchor_weight"] == 1.0
+    assert "--objective pdist --anchor-weight 1 --train train extra" in pdist["commands"][0]
+    report = (tmp_path / "results" / "README.md").read_text()
+    table = report[report.index("## Label-free objectives at matched anchor weights") :]
+    assert "| grerank-anchor0.3 | 0.3 | 1 |" in table and "| zero-shot | – | – |" in table
+    assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Other commands make a result stale: asked again with other evaluation arguments, it is run again.
+    stamp = (folder / "zero-shot.json").stat().st_mtime_ns
+    experiments.main([*argv[:-1], shlex.join([*eval_args, "--limit", "6"])])
+    assert (folder / "zero-shot.json").stat().st_mtime_ns != stamp
+    assert "--limit 6" in json.loads((folder / "zero-shot.json").read_text())["commands"][0]

@@ -10,7 +10,8 @@ HotpotQA train and dev splits, seed by seed.
 Each run is ``python -m training.train ... --out runs/experiments/NAME`` (trained methods) followed by
 ``python -m training.evaluate ... --out results/dev/NAME.json``, as subprocesses, so the commands recorded in
 the results are exactly what ran. A run whose results file exists is skipped, and training resumes from its
-checkpoint: the grid can be stopped and continued, and extended with more seeds. Document states, reader
+checkpoint: the grid can be stopped and continued, and extended with more seeds (a results file from other
+commands is stale and is run again). Document states, reader
 signals and generated answers are shared on disk (``runs/doc-states``), so only the first run pays for the
 reader's work on a passage.
 """
@@ -143,6 +144,15 @@ def plan(
     return planned
 
 
+def finished(run: Run, results: Path) -> bool:
+    """Whether ``run`` has a results file from exactly its planned commands (one from other commands, e.g.
+    an earlier grid definition or other ``--train-args``, is stale: run again and replaced)."""
+    out = results / f"{run.name}.json"
+    if not out.is_file():
+        return False
+    return json.loads(out.read_text()).get("commands") == [shlex.join(c) for c in run.commands]
+
+
 def execute(run: Run, results: Path) -> None:
     started = time.perf_counter()
     for command in run.commands:
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         methods, seeds, Path(runs), folder, shlex.split(args.train_args), shlex.split(args.eval_args)
     )
     for run in planned:
-        done = (folder / f"{run.name}.json").is_file()
+        done = finished(run, folder)
         if args.dry_run:
             print(f"# {run.name}{' (done)' if done else ''}")
             print("\n".join(shlex.join(c) for c in run.commands))

@@ -93,7 +93,7 @@ def markdown(
         "",
         *reader_table(*readers),
     ]
-    for group in ("all", "bridge", "comparison"):
+    for group in ("all", "bridge", "comparison") if methods else ():
         lines += [f"## {'All questions' if group == 'all' else group.capitalize() + ' questions'}", ""]
         header = ["method", "seeds", *(label for _, _, label in HEADLINE)]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -382,7 +382,10 @@ def matched_table(matched: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {method} | {'–' if weight is None else weight} | {seeds} | " + " | ".join(cells) + " |"
         )
-    return [*lines, "", "![tradeoff.png](tradeoff.png)", ""]
+    lines += ["", "![tradeoff.png](tradeoff.png)", "", "Commands:", ""]
+    for results in matched.values():
+        lines += [f"- `{c}`" for r in results for c in r.get("commands", [r["command"]])]
+    return [*lines, ""]
 
 
 def plot_tradeoff(matched: dict[str, list[dict]], path: Path) -> bool:
@@ -505,10 +508,12 @@ def main(argv: list[str] | None = None) -> Path:
     methods = load_results(results / "dev", [m.name for m in METHODS])
     sweep = load_results(results / "sweep", [m.name for m in SWEEP])
     matched = load_results(results / "matched", ["bm25", "zero-shot", *(m.name for m in MATCHED)])
-    if not methods:
-        raise SystemExit(f"no results in {results / 'dev'}; run python -m training.experiments first")
-    plots = ["metrics.png"]
-    plot_metrics(methods, results / "metrics.png")
+    if not (methods or sweep or matched):
+        raise SystemExit(f"no results in {results}/dev, sweep or matched; run python -m training.experiments")
+    plots = []
+    if methods:
+        plot_metrics(methods, results / "metrics.png")
+        plots.append("metrics.png")
     if plot_curves(Path(args.runs), results / "training_curves.png"):
         plots.append("training_curves.png")
     out = results / "README.md"
