@@ -217,3 +217,27 @@ def test_supervised_loss_ranks_within_a_question_whatever_the_score_level() -> N
     assert supervised_loss(right - 0.7, labels, 10.0).item() == pytest.approx(
         supervised_loss(right, labels, 10.0).item()
     )
+
+
+def test_encoder_training_pass_attends_eagerly_under_bf16_and_embeds_as_inference_does(
+    tiny_bert_dir: Path,
+) -> None:
+    from grerank.sentence_encoder import SentenceEncoder
+
+    encoder = SentenceEncoder.from_pretrained(tiny_bert_dir)
+    texts = ["a short one", "a much longer text " * 12, "medium length text " * 4, "x"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = encoder(texts)  # gradients on: the training pass
+        assert encoder.model.config._attn_implementation == "eager"
+        trained.sum().backward()
+        with torch.no_grad():
+            inferred = encoder(texts)
+        assert encoder.model.config._attn_implementation == "sdpa"
+    assert torch.allclose(trained.detach(), inferred, atol=2e-2)
+    # One embedding lookup for all the length groups: one gradient, on the tokens that were read.
+    grad = encoder.model.get_input_embeddings().weight.grad
+    assert grad is not None and 0 < int((grad.abs().sum(1) > 0).sum()) < grad.shape[0]
+    with torch.no_grad():
+        alone = torch.cat([encoder([t]) for t in texts])
+        assert torch.allclose(encoder(texts), alone, atol=1e-5)  # fp32: a text's group does not matter
+    assert encoder.model.config._attn_implementation == "sdpa"
