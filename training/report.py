@@ -370,7 +370,9 @@ def matched_table(matched: dict[str, list[dict]]) -> list[str]:
         "## Label-free objectives at matched anchor weights (`training.experiments --matched`)",
         "",
         "Each objective trained with the same KL anchor to the starting reranker (weight 0, 0.3 and 1), "
-        "through the trained reader, on the shipped train split plus the extra official-train questions.",
+        "through the trained reader. The grid trains on the shipped train split plus the extra "
+        "official-train questions; the commands below show what each run trained on (`--train-args` comes "
+        "last and wins).",
         "",
         "| method | anchor | seeds | " + " | ".join(label for _, _, label in SWEPT) + " |",
         "|---|---|---|" + "---|" * len(SWEPT),
