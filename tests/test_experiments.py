@@ -103,10 +103,34 @@ def test_matched_grid_runs_each_objective_at_its_anchor_weights(
     report = (tmp_path / "results" / "README.md").read_text()
     table = report[report.index("## Label-free objectives at matched anchor weights") :]
     assert "| grerank-anchor0.3 | 0.3 | 1 |" in table and "| zero-shot | – | – |" in table
-    assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert "--seed 0 --out runs/matched/pdist-anchor1-seed0 --resume" in table  # the commands behind it
 
     # Other commands make a result stale: asked again with other evaluation arguments, it is run again.
     stamp = (folder / "zero-shot.json").stat().st_mtime_ns
     experiments.main([*argv[:-1], shlex.join([*eval_args, "--limit", "6"])])
     assert (folder / "zero-shot.json").stat().st_mtime_ns != stamp
     assert "--limit 6" in json.loads((folder / "zero-shot.json").read_text())["commands"][0]
+
+
+def test_tradeoff_plot_draws_a_curve_per_objective(tmp_path: Path) -> None:
+    from training import report
+
+    def result(weight: float | None, answer: float, bridge: float) -> dict:
+        ranking = {
+            "all": {
+                "answer_recall@1": {"value": answer, "n": 9},
+                "bridge_recall@5": {"value": bridge, "n": 9},
+            }
+        }
+        manifest = {"hyperparameters": {"anchor_weight": weight}} if weight is not None else None
+        return {"name": "x", "ranking": ranking, "reranker": {"manifest": manifest}}
+
+    matched = {
+        "zero-shot": [result(None, 27.0, 93.0)],
+        "grerank-anchor0": [result(0.0, 29.0, 91.0)],
+        "grerank-anchor1": [result(1.0, 27.5, 94.0)],
+        "pdist-anchor0": [result(0.0, 32.0, 83.0)],
+    }
+    assert report.plot_tradeoff(matched, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert not report.plot_tradeoff({"zero-shot": matched["zero-shot"]}, tmp_path / "none.png")

@@ -361,8 +361,9 @@ def anchor_weight(result: dict) -> float | None:
     return (manifest.get("hyperparameters") or {}).get("anchor_weight")
 
 
-def matched_table(matched: dict[str, list[dict]]) -> list[str]:
-    """The label-free objectives at matched anchor weights (``training.experiments --matched``)."""
+def matched_table(matched: dict[str, list[dict]], plotted: bool = False) -> list[str]:
+    """The label-free objectives at matched anchor weights (``training.experiments --matched``), with the
+    trade-off plot if ``plotted``."""
     trained = {m: r for m, r in matched.items() if anchor_weight(r[0]) is not None}
     if not trained:
         return []
@@ -384,7 +385,7 @@ def matched_table(matched: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {method} | {'–' if weight is None else weight} | {seeds} | " + " | ".join(cells) + " |"
         )
-    lines += ["", "![tradeoff.png](tradeoff.png)", "", "Commands:", ""]
+    lines += ["", *(["![tradeoff.png](tradeoff.png)", ""] if plotted else []), "Commands:", ""]
     for results in matched.values():
         lines += [f"- `{c}`" for r in results for c in r.get("commands", [r["command"]])]
     return [*lines, ""]
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> Path:
         for kind in ("reader", "e2e")
     )
     attention = [json.loads(f.read_text()) for f in sorted((results / "attention").glob("*.json"))]
-    tables = matched_table(matched) if plot_tradeoff(matched, results / "tradeoff.png") else []
+    tables = matched_table(matched, plot_tradeoff(matched, results / "tradeoff.png"))
     out.write_text(markdown(methods, sweep, plots, checks, readers, attention, tables))
     print(f"report written to {out}")
     return out
