@@ -8,10 +8,10 @@ A document with ``M_i == 0`` exactly is removed (``-inf``), so a hard mask equal
 that document at all. Below ``eps`` the log is clamped, so gradients stay finite.
 
 :func:`scaled_value_attention` computes the same attention without differentiating through a mask: since
-``softmax(s + log M) v = (sum_k e^s_k M_k v_k) / (sum_k e^s_k M_k)``, it scales each key's value (and a column
-of ones, the normaliser) by ``M_k`` and runs a fused attention kernel with no bias at all. The mask's gradient
-then arrives through the values, which the kernel's backward computes anyway; the eager alternative saved
-fp32 attention probabilities and grouped-query copies of every key and value for backward.
+``softmax(s + log M) v = (sum_k e^s_k M_k v_k) / (sum_k e^s_k M_k)``, it multiplies each key's weight by
+``M_k`` and the mask's gradient arrives through plain matrix products, with a backward that recomputes the
+weights instead of saving them; the eager alternative saved fp32 attention probabilities and grouped-query
+copies of every key and value for backward.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class SentenceEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_padding = max_padding  # see forward; infinity pads every text to the longest, as before
-        # "auto": the faster attention for the precision of each call (runtime.match_attention_to_pass);
+        # "auto": the faster attention for each call's pass (runtime.match_attention_to_pass);
         # or a fixed transformers implementation ("sdpa", "eager").
         self.attention = "auto"
 
