@@ -20,8 +20,12 @@ import torch
 def gumbel_noise(
     shape: tuple[int, ...], generator: torch.Generator | None = None, **tensor_kwargs
 ) -> torch.Tensor:
-    """Standard Gumbel samples; ``u`` is kept inside (0, 1) so the double log stays finite."""
-    u = torch.rand(shape, generator=generator, **tensor_kwargs)
+    """Standard Gumbel samples."""
+    return _gumbel(torch.rand(shape, generator=generator, **tensor_kwargs))
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    """``-log(-log u)`` of uniforms, ``u`` kept inside (0, 1) so the double log stays finite."""
     tiny = torch.finfo(u.dtype).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 
@@ -36,9 +40,7 @@ def antithetic_gumbel_noise(
         raise ValueError(f"antithetic draws come in pairs; got {half[pairs_dim]}")
     half[pairs_dim] //= 2
     u = torch.rand(half, generator=generator, **tensor_kwargs)
-    u = torch.stack([u, 1.0 - u], dim=pairs_dim + 1).flatten(pairs_dim, pairs_dim + 1)
-    tiny = torch.finfo(u.dtype).tiny
-    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+    return _gumbel(torch.stack([u, 1.0 - u], dim=pairs_dim + 1).flatten(pairs_dim, pairs_dim + 1))
 
 
 def standardized(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

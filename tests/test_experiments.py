@@ -11,17 +11,25 @@ from tests.synthetic_qa import synthetic_split
 from training import experiments
 
 
+def tiny_grid_args(
+    tmp_path: Path, reader: Path, reranker: Path, train_questions: int
+) -> tuple[list[str], list[str]]:
+    """``training.train`` and ``training.evaluate`` arguments for a grid over the synthetic task and tiny
+    models: one epoch, k = 1, 4 candidates."""
+    train = synthetic_split(tmp_path / "train.jsonl", train_questions, 4, seed=0)
+    dev = synthetic_split(tmp_path / "dev.jsonl", 8, 4, seed=9)
+    shared = ["--candidates", "4", "--reader", str(reader), "--precision", "fp32",
+              "--state-cache-dir", str(tmp_path / "states")]  # fmt: skip
+    train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(reranker),
+                  "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
+    return train_args, [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
+
+
 def test_grid_trains_evaluates_and_reports_every_method(
     copy_reader_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the grid's default folders land here
-    train = synthetic_split(tmp_path / "train.jsonl", 16, 4, seed=0)
-    dev = synthetic_split(tmp_path / "dev.jsonl", 8, 4, seed=9)
-    shared = ["--candidates", "4", "--reader", str(copy_reader_dir), "--precision", "fp32",
-              "--state-cache-dir", str(tmp_path / "states")]  # fmt: skip
-    train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(tiny_bert_dir),
-                  "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
-    eval_args = [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
+    train_args, eval_args = tiny_grid_args(tmp_path, copy_reader_dir, tiny_bert_dir, train_questions=16)
     argv = ["--only", "bm25", "zero-shot", "grerank", "pdist", "--seeds", "0", "1",
             "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
     experiments.main(argv)
@@ -83,13 +91,7 @@ def test_matched_grid_runs_each_objective_at_its_anchor_weights(
     # The middle weight is one point of a trade-off curve: the first seed only.
     assert headers == ["# grerank-anchor0.3-seed0", "# loop-anchor1-seed0", "# loop-anchor1-seed1"]
 
-    train = synthetic_split(tmp_path / "train.jsonl", 8, 4, seed=0)
-    dev = synthetic_split(tmp_path / "dev.jsonl", 8, 4, seed=9)
-    shared = ["--candidates", "4", "--reader", str(copy_reader_dir), "--precision", "fp32",
-              "--state-cache-dir", str(tmp_path / "states")]  # fmt: skip
-    train_args = [*shared, "--train", str(train), "--dev", str(dev), "--reranker", str(tiny_bert_dir),
-                  "--epochs", "1", "--k", "1", "--dev-reader-questions", "4"]  # fmt: skip
-    eval_args = [*shared, "--split", str(dev), "--k", "1", "--max-new-tokens", "2"]
+    train_args, eval_args = tiny_grid_args(tmp_path, copy_reader_dir, tiny_bert_dir, train_questions=8)
     argv = ["--matched", "--only", "zero-shot", "grerank-anchor0.3", "pdist-anchor1", "--seeds", "0",
             "--train-args", shlex.join(train_args), "--eval-args", shlex.join(eval_args)]  # fmt: skip
     experiments.main(argv)

@@ -42,9 +42,10 @@ from grerank.gumbel_topk import (
 )
 
 OBJECTIVES = ("grerank", "expected", "pdist", "emdr", "loop", "adist", "supervised")
-# Objectives whose targets are the frozen reader's per-candidate signals, computed once before training.
+# Objectives whose targets are the frozen reader's signals (training.reader_signals), computed once before
+# training; ``{k}`` is the number of documents the reader sees.
 NEEDS_READER_SIGNALS = {
-    "expected": "subset_nll",
+    "expected": "subset_nll_k{k}",
     "pdist": "loglik",
     "emdr": "loglik",
     "loop": "loo_loglik",

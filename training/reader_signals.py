@@ -3,7 +3,7 @@
 * ``loglik``: ``log P(answer | question, d_i)`` with the reader given candidate ``i`` alone (PDist, EMDR);
 * ``loo_loglik``: ``log P(answer | question, all candidates but d_i)`` (LOOP);
 * ``subset_nll_k{K}``: the reader's answer NLL per token reading exactly each K-subset of the candidates
-  (``itertools.combinations`` order), the constants of the exact expected loss (objective ``expected``);
+  (:func:`training.objectives.k_subsets` order), the constants of the exact expected loss (``expected``);
 * ``attention_score``: the reader's attention logits on candidate ``i`` when it reads all of them, averaged
   over layers, heads and the candidate's tokens (ADist). (An earlier ``attention`` signal, the summed
   attention mass, ranked candidates by length; its stored rows are ignored.)
@@ -16,7 +16,6 @@ shared by every run and seed.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from grerank.doc_state_cache import DocStateCache
 from grerank.qa_data import Example
+from training import objectives
 
 SIGNALS = ("loglik", "loo_loglik", "subset_nll_k{K}", "attention_score")
 
@@ -55,7 +55,7 @@ def one_example(
         )
         return total.float().tolist()
     if kind.startswith("subset_nll_k"):  # each row holds its subset's states only, all visible
-        subsets = list(itertools.combinations(range(n), int(kind.removeprefix("subset_nll_k"))))
+        subsets = objectives.k_subsets(n, int(kind.removeprefix("subset_nll_k"))).tolist()
         values: list[float] = []
         for start in range(0, len(subsets), chunk):
             part = subsets[start : start + chunk]

@@ -414,8 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     signals: dict[str, torch.Tensor] = {}
     if args.objective in objectives.NEEDS_READER_SIGNALS:  # constants of training: computed once, on disk
-        kind = objectives.NEEDS_READER_SIGNALS[args.objective]
-        kind = f"{kind}_k{args.k}" if kind == "subset_nll" else kind
+        kind = objectives.NEEDS_READER_SIGNALS[args.objective].format(k=args.k)
         signals = reader_signals(shard, cache, kind, state_dir / "reader-signals.jsonl", is_main)
 
     start_scores: dict[str, torch.Tensor] = {}
