@@ -78,6 +78,10 @@ def machine() -> dict[str, Any]:
         "bf16": cpu_has_bf16(),
         # fp32 time / bf16 time of a reranker-shaped GEMM: what "auto" precision decides by (grerank.runtime)
         "bf16_gemm_speedup": round(cpu_bf16_speedup(), 2),
+        # Family/model/stepping tell CPU generations apart that share a model name ("AMD EPYC": Zen 3 is
+        # family 25 model 1, Zen 4 family 25 model 17).
+        "cpu_id": "/".join(_field(cpuinfo, key) for key in ("cpu family", "model", "stepping")).strip("/")
+        or None,
         "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -87,11 +91,18 @@ def machine() -> dict[str, Any]:
     return out
 
 
+# The widest matrix instructions a CPU has, widest first: what decides which precision is fast on it.
+ISA_TIERS = (("amx_bf16", "amx"), ("avx512_bf16", "avx512-bf16"), ("avx512f", "avx512"), ("avx2", "avx2"))
+
+
 def machine_slug() -> str:
-    """The CPU model as a folder name ("amd-epyc"), with "-gpu" when a GPU is visible."""
+    """The CPU model and its widest matrix instructions as a folder name ("amd-epyc-avx2" for a Zen 3,
+    "amd-epyc-avx512-bf16" for a Zen 4: both call themselves "AMD EPYC"), with "-gpu" when a GPU is
+    visible."""
     info = machine()
     slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", info["cpu"].lower())).strip("-") or "unknown"
-    return slug + ("-gpu" if info["gpu"] else "")
+    tier = next((name for flag, name in ISA_TIERS if flag in info["isa"]), None)
+    return slug + (f"-{tier}" if tier else "") + ("-gpu" if info["gpu"] else "")
 
 
 def versions() -> dict[str, str | None]:

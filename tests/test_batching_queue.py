@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from grerank import model_paths, qa_data
 from grerank.reranker import CrossEncoderReranker, build_reranker
 from service.api.request_limits import RequestRejected
+from service.engine import rerank_backend
 from service.engine.batching_queue import BatchingQueue, PassPlanner, QueueFull, RerankJob, rerank_inline
 from service.engine.model_worker import ModelWorker
 from service.engine.rerank_backend import TOKENS_PER_BLOCK, Encoded, RerankBackend
@@ -158,6 +159,32 @@ def test_default_minilm_outputs_do_not_depend_on_pass_companions(dtype: torch.dt
                 assert torch.equal(out[row], reference[i]), (size, row)
 
 
+def test_the_fp32_gemm_library_is_measured_once_and_named_in_info(tiny_bert_dir: Path) -> None:
+    library = rerank_backend.fp32_gemm_library()
+    assert library in ("mkl", "onednn")
+    assert rerank_backend.fp32_gemm_library() == library  # once per process: the bits do not change
+    backend = RerankBackend(build_reranker("bi-encoder", tiny_bert_dir).eval(), torch.float32)
+    assert backend.describe()["gemm_library"] == library
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_equal_lengths_share_an_attention_call_with_the_bits_of_one_alone(
+    tiny_bert_dir: Path, dtype: torch.dtype
+) -> None:
+    """Runs of equal-length sequences attend in one call; each sequence's output keeps the bits it has
+    alone, in a run of any size and at any offset."""
+    backend = RerankBackend(build_reranker("bi-encoder", tiny_bert_dir).eval(), dtype)
+    sequences = [Encoded([101, *(1000 + 7 * i + j for j in range(30)), 102]) for i in range(40)]
+    alone = [backend.forward([s])[0] for s in sequences]
+    for companions in ([], [Encoded([101, 2000, 102])]):  # the run starts at row 0, or after a short text
+        passed = [*companions, *sequences]
+        runs = rerank_backend._runs(rerank_backend._spans([len(s.ids) for s in passed]))
+        assert max(count for _, _, count in runs) > 20  # many sequences share one call
+        out = backend.forward(passed)[len(companions) :]
+        for row, reference in enumerate(alone):
+            assert torch.equal(out[row], reference), row
+
+
 @pytest.mark.parametrize("architecture", ["bert", "roberta"])
 def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, architecture: str) -> None:
     """The backend's own encoder forward against the Hugging Face model it was copied from (fp32)."""
@@ -174,17 +201,20 @@ def test_the_packed_forward_reproduces_hugging_face(tokenizer_dir: Path, archite
     assert torch.allclose(backend.scores(backend.forward(backend.encode(query, texts))), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("gemm", ["onednn", "addmm"])
+@pytest.mark.parametrize("gemm", ["onednn", "mkl", "addmm"])
 def test_the_packed_bi_encoder_forward_reproduces_hugging_face(
     tiny_bert_dir: Path, gemm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mean pooling over packed rows, across block boundaries (fp32): 31 texts fill more than one block; with
-    oneDNN's packed weights and with the addmm path a GPU or a CPU without oneDNN takes."""
+    oneDNN's or MKL's packed weights (whichever the CPU runs faster) and with the addmm path a GPU or a CPU
+    without oneDNN takes."""
+    monkeypatch.setattr(rerank_backend, "fp32_gemm_library", lambda: "mkl" if gemm == "mkl" else "onednn")
     if gemm == "addmm":
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     reranker = build_reranker("bi-encoder", tiny_bert_dir).eval()
     backend = RerankBackend(reranker, torch.float32)
-    assert all((layer.up.packed is None) == (gemm == "addmm") for layer in backend.layers)
+    assert all((layer.up.packed is not None) == (gemm == "onednn") for layer in backend.layers)
+    assert all((layer.up.mkl is not None) == (gemm == "mkl") for layer in backend.layers)
     query, texts = REQUESTS[3]
     sequences = backend.encode(query, texts)
     assert sum(len(s.ids) for s in sequences) > TOKENS_PER_BLOCK
