@@ -13,7 +13,8 @@ embeddings). Measured, with medians over repeated runs:
 * sentence-transformers on the same weights, in each of its ordinary configurations: fp32 (its defaults),
   bf16 weights (``model_kwargs={"torch_dtype": torch.bfloat16}``) and fp32 weights under bf16 autocast;
   ``SentenceTransformer.encode`` of the query and documents, then cosine, request by request (latency) and
-  all requests in one call (its best throughput). The summary compares against the strongest of them. The
+  all requests in one call (its best throughput). The summary compares against the strongest of them and of
+  infinity-emb at 8 clients. The
   default weights ship no cross-encoder, so there is no ``CrossEncoder.predict`` row;
 * infinity-emb, if an ``infinity_emb`` executable is found (``GRERANK_BENCH_INFINITY``, else
   ``.venv-infinity/bin/infinity_emb``; ``make bench-infinity`` makes that venv): its ``/embeddings`` at the
@@ -478,7 +479,20 @@ def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[
     peers = {"fp32": result["sentence_transformers"], **result.get("sentence_transformers_other", {})}
     peers = {name: peer for name, peer in peers.items() if "skipped" not in peer}
     strongest = max(peers, key=lambda name: peers[name]["bulk_pairs_per_s"])
+    # Every peer that ran, at its best for this comparison: sentence-transformers in one encode call, the
+    # infinity-emb server at the same 8 clients.
+    throughputs = {
+        f"sentence-transformers {name}, one encode call": p["bulk_pairs_per_s"] for name, p in peers.items()
+    }
+    infinity = result.get("infinity", {})
+    if "concurrency" in infinity:
+        throughputs[f"infinity-emb {infinity['version']}, 8 clients"] = infinity["concurrency"]["8"][
+            "pairs_per_s"
+        ]
+    strongest_peer = max(throughputs, key=throughputs.__getitem__)
     return {
+        "strongest_peer": strongest_peer,
+        "at_8_clients_vs_strongest_peer": eight["pairs_per_s"] / throughputs[strongest_peer],
         "best_concurrency": best,
         "service_pairs_per_s": ours,
         "vs_st_bulk": ours / result["sentence_transformers"]["bulk_pairs_per_s"],
@@ -552,6 +566,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         _row("figure", "value", "target"),
         _row("---", "---", "---"),
+        *(
+            [
+                _row(
+                    f"8 clients / strongest peer ({s['strongest_peer']})",
+                    f"{s['at_8_clients_vs_strongest_peer']:.2f}x",
+                    "",
+                )
+            ]
+            if "strongest_peer" in s
+            else []
+        ),
         *(
             [
                 _row(

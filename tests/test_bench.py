@@ -62,7 +62,7 @@ def test_rerunning_one_benchmark_keeps_the_others_results(tmp_path: Path, monkey
 
 def test_rerank_summary_compares_with_the_strongest_peer_that_ran() -> None:
     """On a CPU without bf16 instructions the bf16 peers are skipped, not counted as the weakest, and the
-    summary names the strongest of those that ran."""
+    summary names the strongest of those that ran, sentence-transformers or infinity-emb."""
     run = {"pairs_per_s": 60.0, "p50_ms": 300.0, "p99_ms": 330.0, "model_busy_fraction": 0.9}
     peer = {"per_request": {"pairs_per_s": 35.0, "p50_ms": 500.0, "p99_ms": 520.0}, "bulk_pairs_per_s": 40.0}
     skipped = {"skipped": rerank_throughput.NO_BF16}
@@ -79,13 +79,15 @@ def test_rerank_summary_compares_with_the_strongest_peer_that_ran() -> None:
         "model_alone": {"pairs_per_s": 63.0},
         "sentence_transformers": peer,
         "sentence_transformers_other": dict.fromkeys(list(rerank_throughput.ST_CONFIGS)[1:], skipped),
-        "infinity": {"skipped": "not installed"},
+        "infinity": {"version": "0.0.78", "concurrency": {"8": {**run, "pairs_per_s": 45.0}}},
         "agreement_with_sentence_transformers": {"max_abs_score_diff": 1e-6, "same_top5_fraction": 1.0},
         "peak": {"bf16": {"median_gflops": 0.3, "side": 512}, "fp32": {"median_gflops": 170.0, "side": 4096}},
     }
     summary = rerank_throughput.summarize(result, flops_per_pair=2.9e9, best=32)
     assert summary["strongest_st"] == "fp32"
     assert summary["at_8_clients_vs_strongest_st_bulk"] == pytest.approx(1.5)
+    assert summary["strongest_peer"] == "infinity-emb 0.0.78, 8 clients"  # servers count too
+    assert summary["at_8_clients_vs_strongest_peer"] == pytest.approx(60 / 45)
     assert summary["peak_dtype"] == "fp32"
     assert summary["model_fraction_of_peak"] == pytest.approx(63 * 2.9 / 170)
     assert summary["overhead_at_8_clients"] == pytest.approx(63 / 60 - 1)
