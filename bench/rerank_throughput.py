@@ -14,11 +14,13 @@ embeddings). Measured, with medians over repeated runs:
   bf16 weights (``model_kwargs={"torch_dtype": torch.bfloat16}``) and fp32 weights under bf16 autocast;
   ``SentenceTransformer.encode`` of the query and documents, then cosine, request by request (latency) and
   all requests in one call (its best throughput). The summary compares against the strongest of them and of
-  infinity-emb at 8 clients. The
-  default weights ship no cross-encoder, so there is no ``CrossEncoder.predict`` row;
+  infinity-emb at 8 clients. The default weights ship no cross-encoder, so there is no
+  ``CrossEncoder.predict`` row; bf16 configurations are skipped on CPUs without bf16 instructions;
 * infinity-emb, if an ``infinity_emb`` executable is found (``GRERANK_BENCH_INFINITY``, else
   ``.venv-infinity/bin/infinity_emb``; ``make bench-infinity`` makes that venv): its ``/embeddings`` at the
-  same concurrencies, defaults but for ``--engine torch --device cpu``;
+  same concurrencies, defaults but for ``--engine torch --device cpu`` (its ONNX engine, ``--engine optimum``,
+  did not load an exported MiniLM with infinity-emb 0.0.78 and optimum 2.1.0: optimum refuses the absolute
+  file name infinity passes it);
 * this machine's bf16 matmul peak (GFLOP/s of a large torch matmul), and the model's achieved GFLOP/s as a
   fraction of it, FLOPs counted from the config: per sequence of n real tokens,
   ``layers * (2 n (4 h^2 + 2 h i) + 4 n^2 h)`` (the linear layers and attention; padding not counted).
