@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     rerank_batch_size: int = Field(
         64,
         ge=1,
-        description="Texts per reranker forward pass at most; GRERANK_MAX_BATCH_TOKENS usually binds first.",
+        description="Texts per reranker forward pass at most; binds before GRERANK_MAX_BATCH_TOKENS "
+        "for texts under 128 tokens (64 x 128 = 8192).",
     )
     max_batch_tokens: int = Field(
         8192,
