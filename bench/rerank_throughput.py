@@ -424,6 +424,7 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     work = workload(max(sizes.requests.values()))
     dtype = resolve_dtype("auto", torch.device("cpu"))
+    bf16 = cpu_has_bf16()
     result: dict[str, Any] = {
         "workload": {
             "documents_per_request": DOCUMENTS,
@@ -452,7 +453,7 @@ def run(quick: bool) -> dict[str, Any]:
         )
         result["sentence_transformers_other"] = {}
         for config in list(ST_CONFIGS)[1:]:
-            if not cpu_has_bf16():
+            if not bf16:
                 # Without bf16 instructions torch emulates bf16 GEMMs hundreds of times slower than fp32
                 # (0.3 against 150 GFLOP/s on an AMD Zen 3): nobody's configuration, and hours to measure.
                 result["sentence_transformers_other"][config] = {"skipped": NO_BF16}
@@ -462,7 +463,7 @@ def run(quick: bool) -> dict[str, Any]:
             result["sentence_transformers_other"][config] = other
         result["infinity"] = infinity_baseline(work, sizes, Path(tmp))
     result["peak"] = {
-        dtype: matmul_peak(getattr(torch, name), sizes.matmul if name == "float32" or cpu_has_bf16() else 512)
+        dtype: matmul_peak(getattr(torch, name), sizes.matmul if name == "float32" or bf16 else 512)
         for dtype, name in PEAKS
     }
     result["summary"] = summarize(result, flops_per_pair, best)

@@ -6,12 +6,15 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -47,19 +50,27 @@ def cpu_bf16_speedup(rows: int = 1024, inner: int = 384, cols: int = 1536) -> fl
         return 0.0
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(rows, inner, generator=generator), torch.randn(inner, cols, generator=generator)
-    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
-    best = dict.fromkeys(pairs, float("inf"))
+    x, y = a.bfloat16(), b.bfloat16()
+    best = best_times({"fp32": lambda: a @ b, "bf16": lambda: x @ y}, rounds=8)
+    return best["fp32"] / best["bf16"]
+
+
+def best_times(calls: dict[K, Callable[[], object]], rounds: int) -> dict[K, float]:
+    """The best wall time of each call over ``rounds`` interleaved rounds, after one untimed call each (which
+    also builds oneDNN's kernels), in inference mode.
+
+    Interleaved and best of each: a process starting beside others (the service loads its models on several
+    threads) must not take a disturbed moment of one candidate for a gain of the other."""
+    best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
-        for x, y in pairs.values():  # the first call also builds oneDNN's kernel
-            x @ y
-        # Interleaved, best of each: a process starting beside others (the service loads its models on
-        # several threads) must not take a disturbed fp32 time for a bf16 gain.
-        for _ in range(8):
-            for dtype, (x, y) in pairs.items():
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for key, call in calls.items():
                 start = time.perf_counter()
-                x @ y
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
+                call()
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best
 
 
 # bf16 rounds more than fp32, so "auto" takes it only for a clear gain.

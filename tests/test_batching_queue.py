@@ -215,6 +215,7 @@ def test_the_packed_bi_encoder_forward_reproduces_hugging_face(
     backend = RerankBackend(reranker, torch.float32)
     assert all((layer.up.packed is not None) == (gemm == "onednn") for layer in backend.layers)
     assert all((layer.up.mkl is not None) == (gemm == "mkl") for layer in backend.layers)
+    assert backend.describe()["gemm_library"] == {"onednn": "onednn", "mkl": "mkl", "addmm": "torch"}[gemm]
     query, texts = REQUESTS[3]
     sequences = backend.encode(query, texts)
     assert sum(len(s.ids) for s in sequences) > TOKENS_PER_BLOCK

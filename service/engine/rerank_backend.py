@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from grerank.reranker import BiEncoderReranker, CrossEncoderReranker, Reranker
+from grerank.runtime import best_times
 
 try:  # CUDA's variable-length flash attention (torch 2.9 and later)
     from torch.nn.attention.varlen import varlen_attn
@@ -48,6 +48,9 @@ except ImportError:  # pragma: no cover - older torch
 # candidates pads at most one block; 256 lost about 20% of bulk throughput.
 TOKENS_PER_BLOCK = 1024
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
+
+
+MKL_MIN_GAIN = 1.05
 
 
 @functools.cache
@@ -68,22 +71,9 @@ def fp32_gemm_library() -> str:
     hidden, inner = 384, 1536
     x = torch.randn(TOKENS_PER_BLOCK, hidden, generator=generator)
     weight, bias = torch.randn(inner, hidden, generator=generator), torch.zeros(inner)
-    candidates = {
-        library: BlockGemm(weight, bias, gelu=True, library=library) for library in ("onednn", "mkl")
-    }
-    best = dict.fromkeys(candidates, float("inf"))
-    with torch.inference_mode():
-        for gemm in candidates.values():
-            gemm(x)
-        for _ in range(10):  # interleaved, best of each: a disturbed moment must not decide
-            for library, gemm in candidates.items():
-                start = time.perf_counter()
-                gemm(x)
-                best[library] = min(best[library], time.perf_counter() - start)
+    gemms = {library: BlockGemm(weight, bias, gelu=True, library=library) for library in ("onednn", "mkl")}
+    best = best_times({library: functools.partial(gemm, x) for library, gemm in gemms.items()}, rounds=10)
     return "mkl" if best["onednn"] > MKL_MIN_GAIN * best["mkl"] else "onednn"
-
-
-MKL_MIN_GAIN = 1.05
 
 
 class BlockGemm:
@@ -126,6 +116,11 @@ class BlockGemm:
         biases = [linear.bias for linear in linears]
         bias = None if any(b is None for b in biases) else torch.cat(biases).to(dtype)  # type: ignore[arg-type]
         return cls(torch.cat([linear.weight for linear in linears]).to(dtype), bias, gelu)
+
+    @property
+    def library(self) -> str:
+        """What runs the GEMM: ``onednn`` or ``mkl`` (packed weights), else ``torch`` (addmm)."""
+        return "onednn" if self.packed is not None else "mkl" if self.mkl is not None else "torch"
 
     def __call__(self, block: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
@@ -263,10 +258,11 @@ class RerankBackend:
         self.first_position = self.embeddings.padding_idx + 1 if config.model_type != "bert" else 0
 
     def describe(self) -> dict[str, Any]:
-        out = {"dtype": str(self.dtype).removeprefix("torch."), "tokens_per_block": TOKENS_PER_BLOCK}
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            out["gemm_library"] = fp32_gemm_library()
-        return out
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tokens_per_block": TOKENS_PER_BLOCK,
+            "gemm_library": self.layers[0].qkv.library,
+        }
 
     def encode(self, query: str, texts: Sequence[str]) -> list[Encoded]:
         """A request's sequences, in the order :meth:`scores` expects: the query then each text
