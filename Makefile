@@ -78,10 +78,12 @@ bench: models index  ## benchmarks: bench/results/<cpu model>/bench.json and ben
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench
 
-bench-infinity:  ## a separate venv with infinity-emb, the peer server `make bench` compares against
+# optimum-onnx gives the same venv sentence-transformers' onnxruntime backend (bench/onnx_peer.py); it pins
+# an older transformers than the service's, hence a venv of its own.
+bench-infinity:  ## a separate venv with the peers `make bench` runs out of process: infinity-emb, onnxruntime
 	test -x .venv-infinity/bin/python || $(PYTHON) -m venv .venv-infinity
 	.venv-infinity/bin/pip install -q torch==2.13.0
-	.venv-infinity/bin/pip install -q 'infinity-emb[server,torch]'
+	.venv-infinity/bin/pip install -q 'infinity-emb[server,torch]' 'optimum-onnx[onnxruntime]'
 
 # What bench/gpu_check.sh needs beyond the GPU image's own packages (torch, transformers, sentence-transformers,
 # peft, httpx...), as Python 3.12 wheels in .whl/ (git-ignored), carried to a GPU machine that has no network.

@@ -14,13 +14,15 @@ embeddings). Measured, with medians over repeated runs:
   bf16 weights (``model_kwargs={"torch_dtype": torch.bfloat16}``) and fp32 weights under bf16 autocast;
   ``SentenceTransformer.encode`` of the query and documents, then cosine, request by request (latency) and
   all requests in one call (its best throughput). The summary compares against the strongest of them and of
-  infinity-emb at 8 clients. The default weights ship no cross-encoder, so there is no
+  the other peers (below). The default weights ship no cross-encoder, so there is no
   ``CrossEncoder.predict`` row; bf16 configurations are skipped on CPUs without bf16 instructions;
 * infinity-emb, if an ``infinity_emb`` executable is found (``GRERANK_BENCH_INFINITY``, else
   ``.venv-infinity/bin/infinity_emb``; ``make bench-infinity`` makes that venv): its ``/embeddings`` at the
-  same concurrencies, defaults but for ``--engine torch --device cpu`` (its ONNX engine, ``--engine optimum``,
-  did not load an exported MiniLM with infinity-emb 0.0.78 and optimum 2.1.0: optimum refuses the absolute
-  file name infinity passes it);
+  same concurrencies, defaults but for ``--engine torch --device cpu`` (its ONNX engine does not load with
+  what installs beside torch 2.13; see :mod:`bench.onnx_peer`);
+* onnxruntime, through sentence-transformers' ``backend="onnx"`` in that same peer venv
+  (:mod:`bench.onnx_peer`): fp32, and int8 by its dynamic quantisation (a lower precision: its scores'
+  distance from fp32 is reported beside it), all requests in one ``encode`` call;
 * this machine's bf16 matmul peak (GFLOP/s of a large torch matmul), and the model's achieved GFLOP/s as a
   fraction of it, FLOPs counted from the config: per sequence of n real tokens,
   ``layers * (2 n (4 h^2 + 2 h i) + 4 n^2 h)`` (the linear layers and attention; padding not counted).
@@ -340,19 +342,32 @@ def sentence_transformers_baseline(work: Workload, sizes: Sizes, config: str = "
     }
 
 
-def agreement(backend: RerankBackend, work: Workload, reference: list[list[float]]) -> dict[str, float]:
-    """How far our served scores (``backend``'s precision) are from sentence-transformers' fp32 cosines."""
-    settings, metrics = Settings(), Metrics()
+def score_distance(reference: list[list[float]], other: list[list[float]]) -> dict[str, float]:
+    """Max absolute score difference and the share of requests with the same top 5, ``other`` vs
+    ``reference``."""
     diffs, same_top5 = [], 0
-    for i, expected in enumerate(reference):
-        query, texts = work.queries[i], work.documents[i]
-        ours = rerank_inline(
-            backend, query, texts, settings.max_batch_tokens, settings.rerank_batch_size, metrics
-        )
-        theirs = torch.tensor(expected)
+    for expected, got in zip(reference, other, strict=True):
+        theirs, ours = torch.tensor(expected), torch.tensor(got)
         diffs.append(float((ours - theirs).abs().max()))
         same_top5 += ours.topk(5).indices.tolist() == theirs.topk(5).indices.tolist()
     return {"max_abs_score_diff": max(diffs), "same_top5_fraction": same_top5 / len(reference)}
+
+
+def agreement(backend: RerankBackend, work: Workload, reference: list[list[float]]) -> dict[str, float]:
+    """How far our served scores (``backend``'s precision) are from sentence-transformers' fp32 cosines."""
+    settings, metrics = Settings(), Metrics()
+    ours = [
+        rerank_inline(
+            backend,
+            work.queries[i],
+            work.documents[i],
+            settings.max_batch_tokens,
+            settings.rerank_batch_size,
+            metrics,
+        ).tolist()
+        for i in range(len(reference))
+    ]
+    return score_distance(reference, ours)
 
 
 # ---- infinity-emb ----
@@ -416,6 +431,37 @@ def infinity_baseline(work: Workload, sizes: Sizes, folder: Path) -> dict[str, A
     return {"version": version or None, "concurrency": sweep}
 
 
+# ---- onnxruntime (sentence-transformers' ONNX backend, in the peer venv) ----
+
+
+def onnx_baseline(work: Workload, sizes: Sizes, folder: Path) -> dict[str, Any]:
+    executable = infinity_executable()
+    if executable is None:
+        return {"skipped": "no peer venv (GRERANK_BENCH_INFINITY, or make bench-infinity)"}
+    count = sizes.requests[CONCURRENCY[-1]]
+    spec = {
+        "model": str(model_paths.resolve("reranker", RERANKER)),
+        "folder": str(folder),
+        "requests": [[q, *d] for q, d in zip(work.queries[:count], work.documents[:count], strict=True)],
+        "repeats": sizes.repeats,
+        "agreement": sizes.agreement,
+    }
+    (folder / "onnx_peer.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = ROOT / "bench" / "onnx_peer.py"
+    completed = subprocess.run(
+        [str(executable.parent / "python"), str(script), str(folder / "onnx_peer.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if completed.returncode != 0:
+        why = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"bench/onnx_peer.py failed ({completed.returncode}): {why}"}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 # ---- the benchmark ----
 
 
@@ -448,9 +494,8 @@ def run(quick: bool) -> dict[str, Any]:
         result["model_alone"] = model_alone(backend, best_work, sizes.repeats)
         flops_per_pair = encoder_flops(backend, best_work) / (len(best_work) * DOCUMENTS)
         result["sentence_transformers"] = sentence_transformers_baseline(work, sizes)
-        result["agreement_with_sentence_transformers"] = agreement(
-            backend, work, result["sentence_transformers"].pop("scores")
-        )
+        st_scores = result["sentence_transformers"].pop("scores")
+        result["agreement_with_sentence_transformers"] = agreement(backend, work, st_scores)
         result["sentence_transformers_other"] = {}
         for config in list(ST_CONFIGS)[1:]:
             if not bf16:
@@ -462,6 +507,11 @@ def run(quick: bool) -> dict[str, Any]:
             other.pop("scores")
             result["sentence_transformers_other"][config] = other
         result["infinity"] = infinity_baseline(work, sizes, Path(tmp))
+        result["onnxruntime"] = onnx_baseline(work, sizes, Path(tmp))
+        for config in ("fp32", "int8"):
+            if config in result["onnxruntime"]:
+                peer = result["onnxruntime"][config]
+                peer["vs_sentence_transformers_fp32"] = score_distance(st_scores, peer.pop("scores"))
     result["peak"] = {
         dtype: matmul_peak(getattr(torch, name), sizes.matmul if name == "float32" or bf16 else 512)
         for dtype, name in PEAKS
@@ -492,10 +542,21 @@ def summarize(result: dict[str, Any], flops_per_pair: float, best: int) -> dict[
         throughputs[f"infinity-emb {infinity['version']}, 8 clients"] = infinity["concurrency"]["8"][
             "pairs_per_s"
         ]
+    onnx = result.get("onnxruntime", {})
+    if "fp32" in onnx:
+        name = f"onnxruntime {onnx['onnxruntime']} {{}}, one encode call"
+        throughputs[name.format("fp32")] = onnx["fp32"]["bulk_pairs_per_s"]
     strongest_peer = max(throughputs, key=throughputs.__getitem__)
+    # int8 changes scores more than fp32 vs bf16 does, so it only enters a separate figure.
+    any_precision = {**throughputs}
+    if "int8" in onnx:
+        any_precision[name.format("int8")] = onnx["int8"]["bulk_pairs_per_s"]
+    strongest_any = max(any_precision, key=any_precision.__getitem__)
     return {
         "strongest_peer": strongest_peer,
         "at_8_clients_vs_strongest_peer": eight["pairs_per_s"] / throughputs[strongest_peer],
+        "strongest_peer_any_precision": strongest_any,
+        "at_8_clients_vs_strongest_peer_any_precision": eight["pairs_per_s"] / any_precision[strongest_any],
         "best_concurrency": best,
         "service_pairs_per_s": ours,
         "vs_st_bulk": ours / result["sentence_transformers"]["bulk_pairs_per_s"],
@@ -523,6 +584,39 @@ def _row(*cells: object) -> str:
 
 def _latency_row(system: str, clients: object, run: dict[str, float]) -> str:
     return _row(system, clients, f"{run['pairs_per_s']:.0f}", f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}")
+
+
+def _peer_figures(s: dict[str, Any]) -> list[str]:
+    """The 8-client ratios, one row per peer with each role it plays (results from before a role was
+    measured lack its key)."""
+    st = "sentence-transformers {}, one encode call"
+    roles = [  # (peer, ratio key, role, target)
+        (s.get("strongest_peer"), "at_8_clients_vs_strongest_peer", "strongest peer", ""),
+        (
+            s.get("strongest_peer_any_precision"),
+            "at_8_clients_vs_strongest_peer_any_precision",
+            "strongest at any precision",
+            "",
+        ),
+        (
+            st.format(s["strongest_st"]) if "strongest_st" in s else None,
+            "at_8_clients_vs_strongest_st_bulk",
+            "strongest sentence-transformers",
+            ">= 1.5x",
+        ),
+        (st.format("fp32"), "at_8_clients_vs_st_fp32_bulk", "its defaults", ">= 2x"),
+    ]
+    rows: dict[str, tuple[float, list[str], list[str]]] = {}
+    for peer, key, role, target in roles:
+        if peer is None or key not in s:
+            continue
+        ratio, names, targets = rows.setdefault(peer, (s[key], [], []))
+        names.append(role)
+        targets += [target] if target else []
+    return [
+        _row(f"8 clients / {peer} ({', '.join(names)})", f"{ratio:.2f}x", ", ".join(targets))
+        for peer, (ratio, names, targets) in rows.items()
+    ]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -562,6 +656,22 @@ def markdown(result: dict[str, Any]) -> str:
     else:
         name = f"infinity-emb {infinity['version']} /embeddings"
         lines += [_latency_row(name, c, run) for c, run in infinity["concurrency"].items()]
+    onnx = result.get("onnxruntime", {})
+    if "skipped" in onnx:
+        lines.append(_row("onnxruntime", f"skipped: {onnx['skipped']}", "", "", ""))
+    for config in ("fp32", "int8") if "fp32" in onnx else ():
+        peer, distance = onnx[config], onnx[config]["vs_sentence_transformers_fp32"]
+        lines.append(
+            _row(
+                f'onnxruntime {onnx["onnxruntime"]} {config} (sentence-transformers backend="onnx"), '
+                f"one encode call; scores vs sentence-transformers fp32: max abs diff "
+                f"{distance['max_abs_score_diff']:.4f}, same top 5 in {distance['same_top5_fraction']:.0%}",
+                "-",
+                f"{peer['bulk_pairs_per_s']:.0f}",
+                "",
+                "",
+            )
+        )
     model = result["model_alone"]
     lines.append(_row("model alone, in process, no HTTP", "-", f"{model['pairs_per_s']:.0f}", "", ""))
     agree = result["agreement_with_sentence_transformers"]
@@ -569,33 +679,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         _row("figure", "value", "target"),
         _row("---", "---", "---"),
-        *(
-            [
-                _row(
-                    f"8 clients / strongest peer ({s['strongest_peer']})",
-                    f"{s['at_8_clients_vs_strongest_peer']:.2f}x",
-                    "",
-                )
-            ]
-            if "strongest_peer" in s
-            else []
-        ),
-        *(
-            [
-                _row(
-                    f"8 clients / strongest sentence-transformers ({s['strongest_st']}), one encode call",
-                    f"{s['at_8_clients_vs_strongest_st_bulk']:.2f}x",
-                    ">= 1.5x",
-                ),
-                _row(
-                    "8 clients / sentence-transformers fp32, one encode call",
-                    f"{s['at_8_clients_vs_st_fp32_bulk']:.2f}x",
-                    ">= 2x",
-                ),
-            ]
-            if "strongest_st" in s
-            else []
-        ),
+        *_peer_figures(s),
         _row("best throughput / sentence-transformers fp32 one encode call", f"{s['vs_st_bulk']:.2f}x", ""),
         _row("throughput / sentence-transformers per request", f"{s['vs_st_per_request']:.2f}x", ""),
         _row(

@@ -62,10 +62,12 @@ def test_rerunning_one_benchmark_keeps_the_others_results(tmp_path: Path, monkey
 
 def test_rerank_summary_compares_with_the_strongest_peer_that_ran() -> None:
     """On a CPU without bf16 instructions the bf16 peers are skipped, not counted as the weakest, and the
-    summary names the strongest of those that ran, sentence-transformers or infinity-emb."""
+    summary names the strongest of those that ran, sentence-transformers, infinity-emb or onnxruntime;
+    onnxruntime's int8 counts only in the figure at any precision."""
     run = {"pairs_per_s": 60.0, "p50_ms": 300.0, "p99_ms": 330.0, "model_busy_fraction": 0.9}
     peer = {"per_request": {"pairs_per_s": 35.0, "p50_ms": 500.0, "p99_ms": 520.0}, "bulk_pairs_per_s": 40.0}
     skipped = {"skipped": rerank_throughput.NO_BF16}
+    distance = {"max_abs_score_diff": 0.02, "same_top5_fraction": 0.75}
     result = {
         "workload": {
             "documents_per_request": 20,
@@ -80,6 +82,11 @@ def test_rerank_summary_compares_with_the_strongest_peer_that_ran() -> None:
         "sentence_transformers": peer,
         "sentence_transformers_other": dict.fromkeys(list(rerank_throughput.ST_CONFIGS)[1:], skipped),
         "infinity": {"version": "0.0.78", "concurrency": {"8": {**run, "pairs_per_s": 45.0}}},
+        "onnxruntime": {
+            "onnxruntime": "1.32.0",
+            "fp32": {"bulk_pairs_per_s": 38.0, "vs_sentence_transformers_fp32": distance},
+            "int8": {"bulk_pairs_per_s": 50.0, "vs_sentence_transformers_fp32": distance},
+        },
         "agreement_with_sentence_transformers": {"max_abs_score_diff": 1e-6, "same_top5_fraction": 1.0},
         "peak": {"bf16": {"median_gflops": 0.3, "side": 512}, "fp32": {"median_gflops": 170.0, "side": 4096}},
     }
@@ -88,10 +95,31 @@ def test_rerank_summary_compares_with_the_strongest_peer_that_ran() -> None:
     assert summary["at_8_clients_vs_strongest_st_bulk"] == pytest.approx(1.5)
     assert summary["strongest_peer"] == "infinity-emb 0.0.78, 8 clients"  # servers count too
     assert summary["at_8_clients_vs_strongest_peer"] == pytest.approx(60 / 45)
+    assert summary["strongest_peer_any_precision"] == "onnxruntime 1.32.0 int8, one encode call"
+    assert summary["at_8_clients_vs_strongest_peer_any_precision"] == pytest.approx(60 / 50)
     assert summary["peak_dtype"] == "fp32"
     assert summary["model_fraction_of_peak"] == pytest.approx(63 * 2.9 / 170)
     assert summary["overhead_at_8_clients"] == pytest.approx(63 / 60 - 1)
     result["summary"] = summary
     table = rerank_throughput.markdown(result)
     assert "sentence-transformers bf16 weights | skipped: this CPU has no bf16" in table
-    assert "strongest sentence-transformers (fp32), one encode call | 1.50x" in table
+    # One row per peer, naming every role it plays and the targets that apply.
+    assert (
+        "8 clients / sentence-transformers fp32, one encode call (strongest sentence-transformers, its "
+        "defaults) | 1.50x | >= 1.5x, >= 2x |" in table
+    )
+    assert "8 clients / infinity-emb 0.0.78, 8 clients (strongest peer) | 1.33x" in table
+    assert 'int8 (sentence-transformers backend="onnx"), one encode call; scores vs' in table
+
+
+def test_onnx_peer_failure_is_reported_not_raised(tmp_path: Path, monkeypatch) -> None:
+    """A peer venv whose Python fails leaves a skipped row with the reason, and the rest of the bench runs."""
+    venv = tmp_path / "bin"
+    venv.mkdir()
+    python = venv / "python"
+    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: optimum' >&2\nexit 3\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("GRERANK_BENCH_INFINITY", str(venv / "infinity_emb"))
+    work = rerank_throughput.Workload(["q"], [["d"] * 20])
+    outcome = rerank_throughput.onnx_baseline(work, rerank_throughput.QUICK, tmp_path)
+    assert outcome == {"skipped": "bench/onnx_peer.py failed (3): ModuleNotFoundError: optimum"}
