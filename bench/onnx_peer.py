@@ -9,9 +9,9 @@ and calls an optimisation API that no longer exists, and optimum 1.x's exporter 
 torch 2.13.
 
 Usage: ``python bench/onnx_peer.py SPEC.json`` where the spec names ``model`` (a sentence-transformers
-folder), ``folder`` (scratch space), ``requests`` (lists of [query, *documents]), ``repeats``, ``agreement``
-(how many requests to return scores for) and ``isa`` (the CPU's ISA tier for the int8 kernels). Prints one
-JSON object: per configuration, pairs/s of all requests in one ``encode`` call and the scores.
+folder), ``folder`` (scratch space), ``requests`` (lists of [query, *documents]), ``repeats`` and
+``agreement`` (how many requests to return scores for). Prints one JSON object: per configuration, pairs/s
+of all requests in one ``encode`` call and the scores; int8 uses onnxruntime's preset for the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(spec_path: str) -> None:
     model_dir = Path(spec["folder"]) / "model"
     # A copy: the export writes onnx/ files beside the weights, and the installed model stays untouched.
     shutil.copytree(spec["model"], model_dir, dirs_exist_ok=True)
-    fp32 = SentenceTransformer(str(model_dir), device="cpu", backend="onnx")  # exports model.onnx once
+    fp32 = SentenceTransformer(str(model_dir), device="cpu", backend="onnx")  # exported on load
     config = quantization_preset()
     export_dynamic_quantized_onnx_model(fp32, config, str(model_dir), file_suffix="int8")
     int8 = SentenceTransformer(
