@@ -66,6 +66,8 @@ DOC_TOKENS = 128
 RERANKER = "default"
 READER = "default"
 INFINITY_NAME = "minilm"
+# The peers' processes load the weights from disk and never ask the Hugging Face hub.
+PEER_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ONNX_PEER_TIMEOUT_S = 3600  # export, quantisation and 2 x 3 bulk runs: ~8 min on a 2-core Zen 3
 PEAKS = (("bf16", "bfloat16"), ("fp32", "float32"))
 NO_BF16 = "this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so bf16 runs emulated"
@@ -388,9 +390,8 @@ def infinity_service(executable: Path, folder: Path) -> Iterator[str]:
     command = [str(executable), "v2", "--model-id", str(model_paths.resolve("reranker", RERANKER))]
     command += ["--served-model-name", INFINITY_NAME, "--engine", "torch", "--device", "cpu"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    # Offline, and no usage statistics sent anywhere.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}
-    env["INFINITY_ANONYMOUS_USAGE_STATS"] = "0"
+    # No usage statistics sent anywhere.
+    env = {**os.environ, **PEER_OFFLINE, "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     url = f"http://127.0.0.1:{port}"
     with (folder / "infinity.log").open("ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
@@ -448,7 +449,7 @@ def onnx_baseline(work: Workload, sizes: Sizes, folder: Path) -> dict[str, Any]:
         "agreement": sizes.agreement,
     }
     (folder / "onnx_peer.json").write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **PEER_OFFLINE}
     script = ROOT / "bench" / "onnx_peer.py"
     try:
         completed = subprocess.run(
