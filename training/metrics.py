@@ -60,8 +60,6 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
 # name -> (label function, metric function)
 RANKING_METRICS = {
     "answer_recall@1": ("answer_bearing", lambda r: recall_at_k(r, 1)),
-    # What a k=2 objective can see: whether the reader's top 2 hold the answer, in either order.
-    "answer_recall@2": ("answer_bearing", lambda r: recall_at_k(r, 2)),
     "answer_mrr": ("answer_bearing", reciprocal_rank),
     "support_recall@2": ("supporting", lambda r: recall_at_k(r, 2)),
     "support_recall@5": ("supporting", lambda r: recall_at_k(r, 5)),
