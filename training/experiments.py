@@ -118,15 +118,16 @@ MATCHED += [
         seeds=1,
     )
     for weight in ("0", "1")
-] + [
-    # A loss that sees rank 1: a top-2 loss cannot tell which of the two ranks first (answer R@1).
+]
+# A loss that sees rank 1: a top-2 loss cannot tell which of the two ranks first (answer R@1).
+MATCHED.append(
     Method(
         "grerank-k1-anchor0",
         ("--objective", "grerank", "--k", "1", "--anchor-weight", "0", "--train", "train", "extra"),
         note="grerank with the reader reading the top 1, anchor weight 0",
         seeds=1,
     )
-]
+)
 UNTRAINED = [m for m in METHODS if m.train_args is None]
 
 
