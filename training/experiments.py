@@ -107,27 +107,25 @@ MATCHED += [
         note="the exact expected loss (ablation), anchor weight 0: the objective without estimator noise",
         seeds=1,
     ),
-]
-MATCHED += [
     # A softer mask: through the trained reader one draw's gradient has cosine 0.75 with the exact one at
     # tau 2 against 0.47 at the default 0.5 (training.gradient_check), the variance cut of 4 masks for free.
-    Method(
-        f"grerank-tau2-anchor{weight}",
-        ("--objective", "grerank", "--tau", "2", "--anchor-weight", weight, "--train", "train", "extra"),
-        note=f"grerank at tau 2, anchor weight {weight}",
-        seeds=1,
-    )
-    for weight in ("0", "1")
-]
-# A loss that sees rank 1: a top-2 loss cannot tell which of the two ranks first (answer R@1).
-MATCHED.append(
+    *(
+        Method(
+            f"grerank-tau2-anchor{weight}",
+            ("--objective", "grerank", "--tau", "2", "--anchor-weight", weight, "--train", "train", "extra"),
+            note=f"grerank at tau 2, anchor weight {weight}",
+            seeds=1,
+        )
+        for weight in ("0", "1")
+    ),
+    # A loss that sees rank 1: a top-2 loss cannot tell which of the two ranks first (answer R@1).
     Method(
         "grerank-k1-anchor0",
         ("--objective", "grerank", "--k", "1", "--anchor-weight", "0", "--train", "train", "extra"),
         note="grerank with the reader reading the top 1, anchor weight 0",
         seeds=1,
-    )
-)
+    ),
+]
 UNTRAINED = [m for m in METHODS if m.train_args is None]
 
 
