@@ -125,6 +125,13 @@ MATCHED += [
         note="grerank with the reader reading the top 1, anchor weight 0",
         seeds=1,
     ),
+    # Its exact counterpart: whether a loss on the top 1 can lift answer R@1 once the estimator's noise is gone.
+    Method(
+        "expected-k1-anchor0",
+        ("--objective", "expected", "--k", "1", "--anchor-weight", "0", "--train", "train", "extra"),
+        note="the exact expected loss reading the top 1 (ablation), anchor weight 0",
+        seeds=1,
+    ),
 ]
 UNTRAINED = [m for m in METHODS if m.train_args is None]
 
