@@ -6,7 +6,9 @@ Training (DESIGN.md section 2, steps 2-4)::
     m^(j) = softmax((kappa * w + g^(j)) / tau)          one soft draw over the n documents
     M     = max_j m^(j)                                 element-wise: relaxed subset sampling
 
-``M_i`` lies in [0, 1], sums to at most k, and tends to a k-hot vector as tau -> 0.
+``M_i`` lies in [0, 1], sums to at most k, and tends to a k-hot vector as tau -> 0. The running maxima
+``M^(k') = max_{j <= k'} m^(j)`` are relaxed top-k' masks of the same draws (k' = 1..k): nested subsets, so a
+loss on all of them rewards the order within the top k as well as the set.
 Inference: no noise, the k highest scores, ties broken by candidate order.
 """
 
@@ -64,6 +66,20 @@ def relaxed_topk_mask(
     ``generator`` makes the draws reproducible (it must live on the scores' device); ``noise`` ``[k, B, n]``
     replaces the independent Gumbel draws (e.g. :func:`antithetic_gumbel_noise`).
     """
+    return relaxed_prefix_masks(scores, k, tau, kappa, generator, noise)[-1]
+
+
+def relaxed_prefix_masks(
+    scores: torch.Tensor,
+    k: int,
+    tau: float = 0.5,
+    kappa: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Soft top-1, top-2, ..., top-k masks ``[k, B, n]`` of the same draws (each the running maximum of the
+    soft draws so far), so the top-k' of row ``k' - 1`` lies inside the top-(k' + 1); arguments as
+    :func:`relaxed_topk_mask`, whose mask is the last row."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if tau <= 0:
@@ -71,7 +87,7 @@ def relaxed_topk_mask(
     if noise is None:
         noise = gumbel_noise((k, *scores.shape), generator, device=scores.device, dtype=torch.float32)
     draws = torch.softmax((kappa * scores.float() + noise) / tau, dim=-1)  # [k, B, n]
-    return draws.max(dim=0).values
+    return draws.cummax(dim=0).values
 
 
 def subset_probabilities(log_p: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:

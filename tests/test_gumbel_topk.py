@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grerank.gumbel_topk import hard_topk, hard_topk_mask, relaxed_topk_mask
+from grerank.gumbel_topk import hard_topk, hard_topk_mask, relaxed_prefix_masks, relaxed_topk_mask
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -44,6 +44,16 @@ def test_gradient_flows_to_scores() -> None:
     mask = relaxed_topk_mask(scores, 2, tau=0.5, kappa=2.0, generator=torch.Generator().manual_seed(0))
     (mask * torch.arange(6.0)).sum().backward()
     assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+def test_prefix_masks_nest_and_end_in_the_top_k_mask() -> None:
+    scores = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    masks = relaxed_prefix_masks(scores, 3, 0.5, 2.0, torch.Generator().manual_seed(4))
+    assert masks.shape == (3, 8, 6)
+    assert masks[0].sum(-1) == pytest.approx(torch.ones(8))  # the top 1: one soft draw
+    assert torch.all(masks[1:] >= masks[:-1])  # each top-k' inside the next
+    assert torch.all(masks[1:].sum(-1) > masks[:-1].sum(-1))
+    assert torch.equal(masks[-1], relaxed_topk_mask(scores, 3, 0.5, 2.0, torch.Generator().manual_seed(4)))
 
 
 def test_hard_topk_breaks_ties_by_candidate_order() -> None:

@@ -8,7 +8,15 @@ import pytest
 
 from grerank.passage import Passage
 from grerank.qa_data import Example
-from training.metrics import exact_match, f1_score, ndcg_at_k, ranking_metrics, recall_at_k, reciprocal_rank
+from training.metrics import (
+    exact_match,
+    f1_score,
+    hit_at_k,
+    ndcg_at_k,
+    ranking_metrics,
+    recall_at_k,
+    reciprocal_rank,
+)
 
 
 def test_recall_and_reciprocal_rank() -> None:
@@ -18,6 +26,8 @@ def test_recall_and_reciprocal_rank() -> None:
     assert recall_at_k(ranked, 4) == 1.0
     assert reciprocal_rank(ranked) == 0.5
     assert recall_at_k([False, False], 1) is None and reciprocal_rank([False]) is None
+    # Two relevant, one in the top 2: recall counts it half, a hit whole.
+    assert hit_at_k(ranked, 2) == 1.0 and hit_at_k(ranked, 1) == 0.0 and hit_at_k([False], 1) is None
 
 
 def test_ndcg() -> None:
@@ -42,6 +52,7 @@ def test_ranking_metrics_by_type_with_counts() -> None:
     # bridge: order A, B, C. The answer-bearing B is at rank 2, the indirect A at rank 1.
     assert report["bridge"]["answer_recall@1"] == {"value": 0.0, "n": 1}
     assert report["bridge"]["answer_mrr"]["value"] == 50.0
+    assert report["bridge"]["answer_hit@2"] == {"value": 100.0, "n": 1}
     assert report["bridge"]["bridge_recall@2"]["value"] == 100.0
     # comparison: order C, B, A; both supporting in the top 2; "yes" is in no passage.
     assert report["comparison"]["support_recall@2"]["value"] == 100.0

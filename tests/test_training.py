@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,6 +95,52 @@ def test_more_mask_draws_average_the_loss_over_independent_masks(
         scores, reader, questions, answers, states, 2, 0.5, 1.0, torch.Generator().manual_seed(0)
     )
     assert one.item() != pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_nested_loss_averages_the_top_1_and_top_2_of_the_same_draws(
+    copy_reader_dir: Path, tmp_path: Path
+) -> None:
+    from grerank.qa_data import load_examples
+    from training.objectives import grerank_nll
+
+    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
+    reader = DecoderReader.from_pretrained(copy_reader_dir)
+    states = [reader.encode_documents(ex.passages) for ex in batch]
+    questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
+    scores = torch.randn(2, 4)
+
+    def loss(k: int, nested: bool = False) -> float:  # the first k draws of seed 0 are the same for any k
+        generator = torch.Generator().manual_seed(0)
+        return grerank_nll(scores, reader, questions, answers, states, k, 0.5, 1.0, generator, nested=nested)
+
+    top1, top2 = loss(1).item(), loss(2).item()
+    assert top1 != pytest.approx(top2, abs=1e-4)
+    assert loss(2, nested=True).item() == pytest.approx((top1 + top2) / 2, abs=1e-5)
+    assert loss(1, nested=True).item() == pytest.approx(top1, abs=1e-6)
+
+
+def test_nested_expected_loss_reads_one_signal_per_level(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from grerank.qa_data import load_examples
+    from training import objectives
+
+    assert objectives.signal_kinds("expected", 2, nested=True) == ["subset_nll_k1", "subset_nll_k2"]
+    assert objectives.signal_kinds("pdist", 2, nested=True) == ["loglik"]
+    assert objectives.signal_kinds("grerank", 2) == []
+    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
+    reranker = build_reranker("bi-encoder", tiny_bert_dir)
+    signals = {
+        "subset_nll_k1": {ex.id: torch.rand(4) for ex in batch},
+        "subset_nll_k2": {ex.id: torch.rand(6) for ex in batch},
+    }
+    base = ["--objective", "expected", "--candidates", "4", "--k", "2", "--anchor-weight", "0"]
+    cpu_reader = SimpleNamespace(device=torch.device("cpu"))  # the exact loss reads only cached signals
+    losses = {}
+    for name, extra in (("k2", []), ("nested", ["--nested"]), ("k1", ["--k", "1"])):
+        args = training.parse_args(base + extra)
+        with torch.no_grad():
+            loss, _ = training.batch_loss(batch, reranker, cpu_reader, None, args, None, {}, signals, None)
+        losses[name] = loss.item()
+    assert losses["nested"] == pytest.approx((losses["k1"] + losses["k2"]) / 2, rel=1e-5)
 
 
 def test_grerank_lifts_answer_recall_from_chance_to_near_one(

@@ -20,6 +20,13 @@ def recall_at_k(ranked: Sequence[bool], k: int) -> float | None:
     return None if total == 0 else sum(ranked[:k]) / total
 
 
+def hit_at_k(ranked: Sequence[bool], k: int) -> float | None:
+    """1 if any relevant candidate is in the top k: for answer-bearing paragraphs and the k the reader reads,
+    whether the reader could answer from them (a recall would count one of two answer-bearing paragraphs
+    half)."""
+    return None if not any(ranked) else float(any(ranked[:k]))
+
+
 def reciprocal_rank(ranked: Sequence[bool]) -> float | None:
     for rank, relevant in enumerate(ranked, start=1):
         if relevant:
@@ -60,6 +67,7 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
 # name -> (label function, metric function)
 RANKING_METRICS = {
     "answer_recall@1": ("answer_bearing", lambda r: recall_at_k(r, 1)),
+    "answer_hit@2": ("answer_bearing", lambda r: hit_at_k(r, 2)),
     "answer_mrr": ("answer_bearing", reciprocal_rank),
     "support_recall@2": ("supporting", lambda r: recall_at_k(r, 2)),
     "support_recall@5": ("supporting", lambda r: recall_at_k(r, 5)),

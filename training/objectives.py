@@ -4,12 +4,14 @@ Every objective takes the reranker's scores ``w`` ``[B, n]``. The reranker's dis
 ``p_w = softmax(kappa * w)``, the same scaling the Gumbel mask uses, so ``--kappa`` means one thing for all.
 
 * ``grerank`` (DESIGN.md section 2): the reader's answer NLL under a relaxed top-k Gumbel mask of ``w``,
-  backpropagated through the reader's attention.
+  backpropagated through the reader's attention. ``nested``: averaged over the relaxed top-1, ..., top-k
+  masks of the same draws, so which document ranks first counts too (a top-k loss is blind to the order
+  within the k the reader reads; that order is answer Recall@1).
 * ``expected`` (an ablation that separates G-Rerank's objective from its estimator): the exact expectation
   of the reader's answer NLL when the k documents it reads are drawn as the relaxed mask stands for (Gumbel
   top-k from ``p_w``), ``sum_S P_w(S) NLL(S)`` over every k-subset. The reader is frozen and reads each
   subset with a hard mask, so the ``NLL(S)`` are constants cached like the baselines' signals; affordable
-  where ``n choose k`` is small (45 for n = 10, k = 2).
+  where ``n choose k`` is small (45 for n = 10, k = 2). ``nested``: averaged over k' = 1..k.
 * ``pdist`` (perplexity distillation, Izacard et al. 2022): ``KL(q || p_w)`` with
   ``q = softmax(log P(a|q,d_i))``, the reader's answer likelihood given each candidate alone.
 * ``emdr`` (EMDR², Sachan et al. 2021): the candidates as a latent variable,
@@ -36,7 +38,7 @@ import torch
 
 from grerank.gumbel_topk import (
     antithetic_gumbel_noise,
-    relaxed_topk_mask,
+    relaxed_prefix_masks,
     standardized,
     subset_probabilities,
 )
@@ -51,6 +53,19 @@ NEEDS_READER_SIGNALS = {
     "loop": "loo_loglik",
     "adist": "attention_score",
 }
+
+
+def levels(k: int, nested: bool) -> list[int]:
+    """How many documents the reader reads in each term of the loss: ``[1, ..., k]`` nested, else ``[k]``."""
+    return list(range(1, k + 1)) if nested else [k]
+
+
+def signal_kinds(objective: str, k: int, nested: bool = False) -> list[str]:
+    """The reader signals ``objective`` trains on (none for ``grerank`` and ``supervised``)."""
+    kind = NEEDS_READER_SIGNALS.get(objective)
+    if kind is None:
+        return []
+    return list(dict.fromkeys(kind.format(k=level) for level in levels(k, nested)))
 
 
 def _log_p(scores: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -70,11 +85,13 @@ def grerank_nll(
     draws: int = 1,
     antithetic: bool = False,
     standardize: bool = False,
+    nested: bool = False,
 ) -> torch.Tensor:
     """The reader's answer NLL under relaxed top-k masks of ``scores``, averaged over the batch and over
     ``draws`` masks per question: more draws, less gradient noise, at the price of the question and answer
     tokens only (the document states are shared). ``antithetic``: the draws of a question come in pairs of
-    noise ``u`` and ``1 - u``; ``standardize``: scores are standardised per question before ``kappa``."""
+    noise ``u`` and ``1 - u``; ``standardize``: scores are standardised per question before ``kappa``;
+    ``nested``: also the relaxed top-1 .. top-(k - 1) masks of the same draws (k reader passes a draw)."""
     if standardize:
         scores = standardized(scores)
     rows = scores.repeat_interleave(draws, dim=0)
@@ -82,9 +99,10 @@ def grerank_nll(
     if antithetic:
         shape = (k, len(questions), draws, scores.shape[-1])
         noise = antithetic_gumbel_noise(shape, 2, generator, device=scores.device).flatten(1, 2)
-    mask = relaxed_topk_mask(rows, k, tau, kappa, generator, noise)
-    repeat = lambda items: [item for item in items for _ in range(draws)]  # noqa: E731
-    return reader.answer_nll(repeat(questions), repeat(answers), repeat(states), mask).mean()
+    masks = relaxed_prefix_masks(rows, k, tau, kappa, generator, noise)
+    masks = masks[[level - 1 for level in levels(k, nested)]]  # [levels, B * draws, n]
+    repeat = lambda items: [item for item in items for _ in range(draws)] * len(masks)  # noqa: E731
+    return reader.answer_nll(repeat(questions), repeat(answers), repeat(states), masks.flatten(0, 1)).mean()
 
 
 def k_subsets(n: int, k: int) -> torch.Tensor:

@@ -122,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "question and answer tokens only",
     )
     g.add_argument(
+        "--nested",
+        action="store_true",
+        help="average the loss over the reader reading the top 1, top 2, ..., top k (grerank: the relaxed "
+        "masks of the same draws, k reader passes a draw; expected: each level's exact loss), so the order "
+        "within the top k counts (answer Recall@1), not only the set",
+    )
+    g.add_argument(
         "--antithetic",
         action="store_true",
         help="pair a question's Gumbel masks as noise u and 1 - u (antithetic draws; needs an even "
@@ -236,7 +243,7 @@ def batch_loss(
     args: argparse.Namespace,
     generator: torch.Generator,
     start_scores: dict[str, torch.Tensor],
-    signals: dict[str, torch.Tensor],
+    signals: dict[str, dict[str, torch.Tensor]],
     autocast_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The ``--objective`` loss of one batch (plus the anchor term), and its parts for the log."""
@@ -245,6 +252,10 @@ def batch_loss(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         scores = torch.stack(reranker([ex.question for ex in batch], candidate_texts(batch))).float()
+
+    def target(kind: str) -> torch.Tensor:  # a reader signal of the batch's questions [B, ...]
+        return torch.stack([signals[kind][ex.id] for ex in batch]).to(scores.device)
+
     if args.objective == "grerank":
         questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
         states = document_states(batch, reader, cache)
@@ -261,16 +272,21 @@ def batch_loss(
             args.mask_draws,
             args.antithetic,
             args.standardize_scores,
+            args.nested,
         )
     elif args.objective == "expected":
-        target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
-        loss = objectives.expected_nll(scores, target, args.k, args.kappa, args.standardize_scores)
+        terms = [
+            objectives.expected_nll(
+                scores, target(f"subset_nll_k{k}"), k, args.kappa, args.standardize_scores
+            )
+            for k in objectives.levels(args.k, args.nested)
+        ]
+        loss = torch.stack(terms).mean()
     elif args.objective == "supervised":
         labels = torch.tensor([ex.supporting for ex in batch], device=scores.device)
         loss = objectives.supervised_loss(scores, labels, args.kappa)
     else:
-        target = torch.stack([signals[ex.id] for ex in batch]).to(scores.device)
-        loss = objectives.DISTILLATION[args.objective](scores, target, args.kappa)
+        loss = objectives.DISTILLATION[args.objective](scores, target(*signals), args.kappa)  # its one signal
     parts = {args.objective: loss.item()}
     if args.anchor_weight > 0:
         start = torch.stack([start_scores[ex.id] for ex in batch]).to(scores.device)
@@ -412,10 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"document states: {memory / 2**30:.1f} GiB in memory, then {disk}")
     train_cache = None if args.no_doc_cache else cache
 
-    signals: dict[str, torch.Tensor] = {}
-    if args.objective in objectives.NEEDS_READER_SIGNALS:  # constants of training: computed once, on disk
-        kind = objectives.NEEDS_READER_SIGNALS[args.objective].format(k=args.k)
-        signals = reader_signals(shard, cache, kind, state_dir / "reader-signals.jsonl", is_main)
+    # Reader signals are constants of training: computed once, on disk.
+    signals = {
+        kind: reader_signals(shard, cache, kind, state_dir / "reader-signals.jsonl", is_main)
+        for kind in objectives.signal_kinds(args.objective, args.k, args.nested)
+    }
 
     start_scores: dict[str, torch.Tensor] = {}
     if args.anchor_weight > 0:  # the starting reranker's scores, fixed for the whole run
