@@ -147,22 +147,22 @@ MATCHED += [
     *(
         Method(
             f"{objective}{'-nested' if nested else ''}-lr1e-4-anchor0",
-            ("--objective", objective, *(("--nested",) if nested else ()), "--lr", "1e-4",
-             "--anchor-weight", "0", "--train", "train", "extra"),
+            ("--objective", objective, *(("--nested",) if nested else ()), "--lr", "1e-4")
+            + ("--anchor-weight", "0", "--train", "train", "extra"),
             note=f"{objective}{' nested' if nested else ''} at lr 1e-4 (5x), anchor weight 0",
             seeds=1,
-        )  # fmt: skip
+        )
         for objective, nested in (("expected", True), ("grerank", True), ("pdist", False))
     ),
     # The expected loss's gradient in a score is weighted by the document's own probability (on-policy),
     # so it barely reaches an answer-bearing paragraph ranked low; a flatter softmax(kappa w) reaches further.
     Method(
         "expected-nested-lr1e-4-kappa3-anchor0",
-        ("--objective", "expected", "--nested", "--lr", "1e-4", "--kappa", "3",
-         "--anchor-weight", "0", "--train", "train", "extra"),
+        ("--objective", "expected", "--nested", "--lr", "1e-4", "--kappa", "3")
+        + ("--anchor-weight", "0", "--train", "train", "extra"),
         note="expected nested at lr 1e-4 and kappa 3, anchor weight 0",
         seeds=1,
-    ),  # fmt: skip
+    ),
 ]
 UNTRAINED = [m for m in METHODS if m.train_args is None]
 
