@@ -66,17 +66,23 @@ def test_gradients_reach_the_reranker_and_cache_changes_no_loss(
     assert grads and sum(g.abs().sum().item() for g in grads) > 0
 
 
+def reader_batch(reader_dir: Path, tmp_path: Path) -> tuple[DecoderReader, list, list, list]:
+    """A tiny reader and two synthetic questions of four documents: questions, answers, document states."""
+    from grerank.qa_data import load_examples
+
+    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
+    reader = DecoderReader.from_pretrained(reader_dir)
+    states = [reader.encode_documents(ex.passages) for ex in batch]
+    return reader, [ex.question for ex in batch], [ex.answer for ex in batch], states
+
+
 def test_more_mask_draws_average_the_loss_over_independent_masks(
     copy_reader_dir: Path, tmp_path: Path
 ) -> None:
     from grerank.gumbel_topk import relaxed_topk_mask
-    from grerank.qa_data import load_examples
     from training.objectives import grerank_nll
 
-    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
-    reader = DecoderReader.from_pretrained(copy_reader_dir)
-    states = [reader.encode_documents(ex.passages) for ex in batch]
-    questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
+    reader, questions, answers, states = reader_batch(copy_reader_dir, tmp_path)
     scores = torch.randn(2, 4)
     loss = grerank_nll(
         scores, reader, questions, answers, states, 2, 0.5, 1.0, torch.Generator().manual_seed(0), 3
@@ -100,13 +106,9 @@ def test_more_mask_draws_average_the_loss_over_independent_masks(
 def test_nested_loss_averages_the_top_1_and_top_2_of_the_same_draws(
     copy_reader_dir: Path, tmp_path: Path
 ) -> None:
-    from grerank.qa_data import load_examples
     from training.objectives import grerank_nll
 
-    batch = load_examples(synthetic_split(tmp_path / "s.jsonl", 2, 4, seed=1))
-    reader = DecoderReader.from_pretrained(copy_reader_dir)
-    states = [reader.encode_documents(ex.passages) for ex in batch]
-    questions, answers = [ex.question for ex in batch], [ex.answer for ex in batch]
+    reader, questions, answers, states = reader_batch(copy_reader_dir, tmp_path)
     scores = torch.randn(2, 4)
 
     def loss(k: int, nested: bool = False) -> float:  # the first k draws of seed 0 are the same for any k
